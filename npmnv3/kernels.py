@@ -1,0 +1,326 @@
+"""The kernels of MobileNetV3, each twice: a plain loop version to read, and the vectorised one to run.
+
+Every array is NCHW: ``x`` has shape (N, C, H, W). Conv weights are OIHW as in PyTorch.
+The ``*_naive`` functions spell the formula out with Python loops; they are slow and exist to be
+read and to check the vectorised functions against (``tests/test_kernels.py`` holds each pair
+equal, and equal to ``torch.nn.functional``). All kernels keep the dtype of their input.
+
+Output size of a convolution along one axis (PyTorch's rule)::
+
+    H_out = floor((H + 2 * padding - dilation * (k - 1) - 1) / stride) + 1
+"""
+
+import numpy as np
+
+
+def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
+    """Length of a convolution's output along one axis of length ``size``."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pad(x, padding):
+    """Zero-pad the two spatial axes of an NCHW array by ``padding`` on each side."""
+    if padding == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+
+
+# --------------------------------------------------------------------------- im2col
+
+def im2col_naive(x, kh, kw, stride=1, padding=0, dilation=1):
+    """Unfold every receptive field of ``x`` into a column.
+
+    x: (N, C, H, W) -> cols: (N, C * kh * kw, H_out * W_out), where::
+
+        cols[n, (c * kh + i) * kw + j, oh * W_out + ow] = xpad[n, c, oh * stride + i * dilation,
+                                                                    ow * stride + j * dilation]
+    """
+    n_batch, channels, height, width = x.shape
+    h_out = conv_output_size(height, kh, stride, padding, dilation)
+    w_out = conv_output_size(width, kw, stride, padding, dilation)
+    xp = _pad(x, padding)
+    cols = np.zeros((n_batch, channels * kh * kw, h_out * w_out), dtype=x.dtype)
+    for n in range(n_batch):
+        for c in range(channels):
+            for i in range(kh):
+                for j in range(kw):
+                    row = (c * kh + i) * kw + j
+                    for oh in range(h_out):
+                        for ow in range(w_out):
+                            cols[n, row, oh * w_out + ow] = xp[n, c, oh * stride + i * dilation,
+                                                               ow * stride + j * dilation]
+    return cols
+
+
+def im2col(x, kh, kw, stride=1, padding=0, dilation=1):
+    """Vectorised ``im2col_naive``: one strided slice per kernel tap (i, j) instead of per pixel."""
+    n_batch, channels, height, width = x.shape
+    h_out = conv_output_size(height, kh, stride, padding, dilation)
+    w_out = conv_output_size(width, kw, stride, padding, dilation)
+    xp = _pad(x, padding)
+    cols = np.empty((n_batch, channels, kh, kw, h_out, w_out), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation, j * dilation
+            cols[:, :, i, j] = xp[:, :, top:top + stride * (h_out - 1) + 1:stride,
+                                  left:left + stride * (w_out - 1) + 1:stride]
+    return cols.reshape(n_batch, channels * kh * kw, h_out * w_out)
+
+
+# --------------------------------------------------------------------------- convolution
+
+def conv2d_naive(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """Standard 2-D convolution (cross-correlation, as in PyTorch).
+
+    x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> (N, O, H_out, W_out)::
+
+        y[n, o, oh, ow] = bias[o] + sum_{c, i, j} weight[o, c, i, j]
+                                     * xpad[n, c, oh * stride + i * dilation, ow * stride + j * dilation]
+    """
+    n_batch, _, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    h_out = conv_output_size(height, kh, stride, padding, dilation)
+    w_out = conv_output_size(width, kw, stride, padding, dilation)
+    xp = _pad(x, padding)
+    y = np.zeros((n_batch, out_channels, h_out, w_out), dtype=x.dtype)
+    for n in range(n_batch):
+        for o in range(out_channels):
+            for oh in range(h_out):
+                for ow in range(w_out):
+                    total = 0.0 if bias is None else bias[o]
+                    for i in range(kh):
+                        for j in range(kw):
+                            pixel = xp[n, :, oh * stride + i * dilation, ow * stride + j * dilation]
+                            total = total + np.dot(weight[o, :, i, j], pixel)
+                    y[n, o, oh, ow] = total
+    return y
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """Vectorised ``conv2d_naive``: im2col, then one matrix product per image.
+
+    y[n] = weight.reshape(O, C * kh * kw) @ im2col(x)[n]   (+ bias).
+    A 1x1 convolution with stride 1 needs no im2col: it is ``weight[:, :, 0, 0] @ x.reshape(N, C, H*W)``.
+    """
+    n_batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    h_out = conv_output_size(height, kh, stride, padding, dilation)
+    w_out = conv_output_size(width, kw, stride, padding, dilation)
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        cols = x.reshape(n_batch, channels, height * width)
+    else:
+        cols = im2col(x, kh, kw, stride, padding, dilation)
+    y = np.matmul(weight.reshape(out_channels, -1), cols)
+    if bias is not None:
+        y += bias[:, None]
+    return y.reshape(n_batch, out_channels, h_out, w_out)
+
+
+def depthwise_conv2d_naive(x, weight, stride=1, padding=0, dilation=1):
+    """Depthwise convolution: each channel is convolved with its own kernel (groups = C).
+
+    x: (N, C, H, W), weight: (C, 1, kh, kw) -> (N, C, H_out, W_out)::
+
+        y[n, c, oh, ow] = sum_{i, j} weight[c, 0, i, j] * xpad[n, c, oh * stride + i * dilation,
+                                                                     ow * stride + j * dilation]
+    """
+    n_batch, channels, height, width = x.shape
+    kh, kw = weight.shape[2:]
+    h_out = conv_output_size(height, kh, stride, padding, dilation)
+    w_out = conv_output_size(width, kw, stride, padding, dilation)
+    xp = _pad(x, padding)
+    y = np.zeros((n_batch, channels, h_out, w_out), dtype=x.dtype)
+    for n in range(n_batch):
+        for c in range(channels):
+            for oh in range(h_out):
+                for ow in range(w_out):
+                    total = 0.0
+                    for i in range(kh):
+                        for j in range(kw):
+                            total += weight[c, 0, i, j] * xp[n, c, oh * stride + i * dilation,
+                                                             ow * stride + j * dilation]
+                    y[n, c, oh, ow] = total
+    return y
+
+
+def depthwise_conv2d(x, weight, stride=1, padding=0, dilation=1):
+    """Vectorised ``depthwise_conv2d_naive``: shift and accumulate, one whole-array step per tap.
+
+    y = sum_{i, j} weight[:, 0, i, j] (broadcast over C) * xpad[:, :, i*d :: stride, j*d :: stride]
+    """
+    n_batch, channels, height, width = x.shape
+    kh, kw = weight.shape[2:]
+    h_out = conv_output_size(height, kh, stride, padding, dilation)
+    w_out = conv_output_size(width, kw, stride, padding, dilation)
+    xp = _pad(x, padding)
+    y = np.zeros((n_batch, channels, h_out, w_out), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation, j * dilation
+            window = xp[:, :, top:top + stride * (h_out - 1) + 1:stride,
+                        left:left + stride * (w_out - 1) + 1:stride]
+            y += weight[:, 0, i, j][None, :, None, None] * window
+    return y
+
+
+# --------------------------------------------------------------------------- batch norm
+
+def batch_norm_naive(x, running_mean, running_var, weight, bias, eps=0.001):
+    """Batch normalisation in inference form, channel by channel.
+
+    x: (N, C, H, W); the four statistics and parameters have shape (C,)::
+
+        y[:, c] = (x[:, c] - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c]
+    """
+    y = np.empty_like(x)
+    for c in range(x.shape[1]):
+        y[:, c] = (x[:, c] - running_mean[c]) / np.sqrt(running_var[c] + eps) * weight[c] + bias[c]
+    return y
+
+
+def batch_norm(x, running_mean, running_var, weight, bias, eps=0.001):
+    """Vectorised ``batch_norm_naive``: y = x * scale + shift with (1, C, 1, 1) broadcasting,
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale."""
+    scale = weight / np.sqrt(running_var + eps)
+    shift = bias - running_mean * scale
+    return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def fold_batch_norm(conv_weight, running_mean, running_var, weight, bias, eps=0.001):
+    """Fold an inference BatchNorm into the convolution before it.
+
+    conv_weight: (O, C, kh, kw) -> (folded_weight (O, C, kh, kw), folded_bias (O,)) such that
+    ``batch_norm(conv(x, conv_weight)) == conv(x, folded_weight) + folded_bias``::
+
+        scale = weight / sqrt(running_var + eps)
+        folded_weight = conv_weight * scale[:, None, None, None]
+        folded_bias   = bias - running_mean * scale
+
+    Computed in float64 and returned in ``conv_weight``'s dtype, so float32 weights lose nothing extra.
+    """
+    scale = np.asarray(weight, np.float64) / np.sqrt(np.asarray(running_var, np.float64) + eps)
+    folded_weight = np.asarray(conv_weight, np.float64) * scale[:, None, None, None]
+    folded_bias = np.asarray(bias, np.float64) - np.asarray(running_mean, np.float64) * scale
+    return folded_weight.astype(conv_weight.dtype), folded_bias.astype(conv_weight.dtype)
+
+
+# --------------------------------------------------------------------------- activations
+
+def relu_naive(x):
+    """relu(x) = max(x, 0), element by element."""
+    flat = x.ravel()
+    return np.array([v if v > 0 else 0 for v in flat], dtype=x.dtype).reshape(x.shape)
+
+
+def relu(x):
+    """relu(x) = max(x, 0)."""
+    return np.maximum(x, 0)
+
+
+def hard_sigmoid_naive(x):
+    """hard_sigmoid(x) = relu6(x + 3) / 6: 0 below -3, 1 above 3, the line x / 6 + 1/2 between."""
+    def one(v):
+        if v <= -3:
+            return 0.0
+        if v >= 3:
+            return 1.0
+        return (v + 3) / 6
+    flat = x.ravel()
+    return np.array([one(v) for v in flat], dtype=x.dtype).reshape(x.shape)
+
+
+def hard_sigmoid(x):
+    """hard_sigmoid(x) = min(max(x + 3, 0), 6) / 6, a piecewise-linear stand-in for sigmoid."""
+    return np.clip(x + 3, 0, 6) / 6
+
+
+def hard_swish_naive(x):
+    """hard_swish(x) = x * relu6(x + 3) / 6: 0 below -3, x above 3, x (x + 3) / 6 between."""
+    def one(v):
+        if v <= -3:
+            return 0.0
+        if v >= 3:
+            return v
+        return v * (v + 3) / 6
+    flat = x.ravel()
+    return np.array([one(v) for v in flat], dtype=x.dtype).reshape(x.shape)
+
+
+def hard_swish(x):
+    """hard_swish(x) = x * min(max(x + 3, 0), 6) / 6, a cheap stand-in for swish(x) = x * sigmoid(x)."""
+    return x * np.clip(x + 3, 0, 6) / 6
+
+
+# --------------------------------------------------------------------------- pooling, linear, SE
+
+def global_avg_pool_naive(x):
+    """Mean over all positions of each channel: (N, C, H, W) -> (N, C)."""
+    n_batch, channels, height, width = x.shape
+    y = np.zeros((n_batch, channels), dtype=x.dtype)
+    for n in range(n_batch):
+        for c in range(channels):
+            total = 0.0
+            for h in range(height):
+                for w in range(width):
+                    total += x[n, c, h, w]
+            y[n, c] = total / (height * width)
+    return y
+
+
+def global_avg_pool(x):
+    """Mean over all positions of each channel: (N, C, H, W) -> (N, C)."""
+    return x.mean(axis=(2, 3))
+
+
+def linear_naive(x, weight, bias=None):
+    """Fully connected layer. x: (N, I), weight: (O, I), bias: (O,) -> (N, O)::
+
+        y[n, o] = bias[o] + sum_i weight[o, i] * x[n, i]
+    """
+    n_batch, out_features = x.shape[0], weight.shape[0]
+    y = np.zeros((n_batch, out_features), dtype=x.dtype)
+    for n in range(n_batch):
+        for o in range(out_features):
+            total = 0.0 if bias is None else bias[o]
+            for i in range(weight.shape[1]):
+                total += weight[o, i] * x[n, i]
+            y[n, o] = total
+    return y
+
+
+def linear(x, weight, bias=None):
+    """Fully connected layer: y = x @ weight.T + bias; (N, I) -> (N, O)."""
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def squeeze_excite_naive(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """Squeeze-and-excitation in torchvision's form, one image at a time.
+
+    x: (N, C, H, W); fc1_weight: (S, C, 1, 1), fc1_bias: (S,); fc2_weight: (C, S, 1, 1), fc2_bias: (C,)::
+
+        s = mean_{h, w} x[n]                           squeeze: one number per channel, (C,)
+        z = relu(fc1_weight @ s + fc1_bias)            (S,)   S = make_divisible(C // 4, 8)
+        e = hard_sigmoid(fc2_weight @ z + fc2_bias)    (C,)   excitation: a weight in [0, 1]
+        y[n, c] = x[n, c] * e[c]                       scale each channel
+
+    The 1x1 convolutions on a 1x1 map are plain matrix-vector products.
+    """
+    y = np.empty_like(x)
+    for n in range(x.shape[0]):
+        s = global_avg_pool_naive(x[n:n + 1])[0]
+        z = relu_naive(linear_naive(s[None], fc1_weight[:, :, 0, 0], fc1_bias))[0]
+        e = hard_sigmoid_naive(linear_naive(z[None], fc2_weight[:, :, 0, 0], fc2_bias))[0]
+        for c in range(x.shape[1]):
+            y[n, c] = x[n, c] * e[c]
+    return y
+
+
+def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """Vectorised ``squeeze_excite_naive``: the whole batch at once. (N, C, H, W) -> (N, C, H, W)."""
+    s = global_avg_pool(x)                                              # (N, C)
+    z = relu(linear(s, fc1_weight[:, :, 0, 0], fc1_bias))               # (N, S)
+    e = hard_sigmoid(linear(z, fc2_weight[:, :, 0, 0], fc2_bias))       # (N, C)
+    return x * e[:, :, None, None]
