@@ -14,8 +14,9 @@ loads unchanged::
 
 (The block indices shift down when a block has no expand conv or no SE, as in torchvision.)
 
-``model(x)`` runs this on an NCHW array. ``model.forward_reference(x)`` is the same computation
-written with the readable kernels of ``kernels.py`` and the parameters as stored.
+``model.forward_reference(x)`` is the computation written plainly, with the readable kernels of
+``kernels.py`` and the parameters as stored. ``model(x)`` computes the same with the fast engine of
+``fast.py`` (weights prepared once: BN folded, layouts changed); tests hold both to torchvision.
 """
 
 from collections import OrderedDict
@@ -25,6 +26,7 @@ import numpy as np
 from . import kernels as K
 from .config import BN_EPS, bneck_settings
 from .errors import StateDictError
+from .fast import FastEngine
 
 ACTIVATIONS = {"RE": K.relu, "HS": K.hard_swish}
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
@@ -159,6 +161,7 @@ class MobileNetV3:
         self.shapes = parameter_shapes(self.layers)
         self.params = random_parameters(self.shapes, dtype, seed)
         self.meta = {}          # e.g. the official weights' categories and preprocessing
+        self._engine = None     # the fast path's prepared weights (fast.FastEngine), built on first call
 
     def __repr__(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -205,7 +208,7 @@ class MobileNetV3:
         for key in self.params:
             if key in state_dict:
                 self.params[key] = np.array(state_dict[key], dtype=self.dtype, copy=True)
-        self._prepared = None
+        self._engine = None
 
     # ----------------------------------------------------------------- forward
 
@@ -217,7 +220,10 @@ class MobileNetV3:
         ``return_intermediates`` is true, where ``features`` maps ``"features.i"`` to that block's
         NCHW output.
         """
-        return self.forward_reference(x, return_intermediates)
+        x = self.check_input(x)
+        if self._engine is None:
+            self._engine = FastEngine(self)       # weights prepared once, until the next load
+        return self._engine.forward(x, return_intermediates)
 
     def check_input(self, x):
         """Validate ``x`` and return it as a C-contiguous array of the model's dtype."""

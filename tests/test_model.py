@@ -27,8 +27,16 @@ def build(arch, torch_model, dtype, **options):
 
 
 def check_agreement(model, torch_model, x, dtype, label):
-    logits, feats = model(x, return_intermediates=True)
+    """Both paths, model(x) (fast) and model.forward_reference(x) (readable), against torchvision."""
     ref_logits, ref_feats = torch_forward(torch_model, x, dtype)
+    check_path(model(x, return_intermediates=True), ref_logits, ref_feats, dtype, label)
+    ref_path = model.forward_reference(x, return_intermediates=True)
+    check_path(ref_path, ref_logits, ref_feats, dtype, label + " reference-path")
+    return ref_path[0], ref_logits
+
+
+def check_path(result, ref_logits, ref_feats, dtype, label):
+    logits, feats = result
     assert logits.dtype == dtype and logits.shape == ref_logits.shape
     assert list(feats) == list(ref_feats)
     for key, ref in ref_feats.items():
@@ -36,7 +44,6 @@ def check_agreement(model, torch_model, x, dtype, label):
         assert record(f"{label} features", rel_err(feats[key], ref)) <= TOL[dtype], key
     assert record(f"{label} logits", rel_err(logits, ref_logits)) <= TOL[dtype]
     assert np.abs(ref_logits).max() > 0.5, "logits too small for the test to mean anything"
-    return logits, ref_logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
