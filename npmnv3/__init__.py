@@ -1,23 +1,41 @@
-"""npmnv3: MobileNetV3 (Large and Small) in pure NumPy, forward-only, matching torchvision."""
+"""npmnv3: MobileNetV3 (Large and Small) in pure NumPy, forward-only, matching torchvision.
+
+    model = npmnv3.mobilenet_v3_large(weights="DEFAULT")   # official ImageNet weights, no torch
+    npmnv3.predict("photo.jpg")                            # top-5 labels and probabilities
+"""
 
 from .errors import DownloadError, ImageError, StateDictError, WeightsFormatError
+from .images import load_image, preprocess
 from .model import MobileNetV3
+from .predict import evaluate, predict
+from .serialization import load_state_dict, save_state_dict
+from .summary import summary
+from .weights import OFFICIAL as OFFICIAL_WEIGHTS, build, get_weights
 
 __version__ = "0.1.0"
 
 
-def mobilenet_v3_large(*, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=1000,
-                       dtype="float32", seed=0):
-    """MobileNetV3-Large (torchvision's ``mobilenet_v3_large``), randomly initialised."""
-    return MobileNetV3("mobilenet_v3_large", width_mult=width_mult, reduced_tail=reduced_tail,
-                       dilated=dilated, num_classes=num_classes, dtype=dtype, seed=seed)
+def mobilenet_v3_large(weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False,
+                       num_classes=None, dtype="float32", seed=0, offline=None, progress=None):
+    """MobileNetV3-Large, as torchvision's ``mobilenet_v3_large``.
+
+    weights: None (random, torchvision's init with ``seed``), "DEFAULT" (= "IMAGENET1K_V2"),
+    "IMAGENET1K_V1", or a path to a ``.pth`` (torch.save) or ``.npz`` (npmnv3) file.
+    Official weights are downloaded once to the cache (see ``npmnv3.hub``); ``offline=True`` or
+    ``NPMNV3_OFFLINE=1`` forbids the network. ``dtype`` is "float32" or "float64".
+    """
+    return build("mobilenet_v3_large", weights, width_mult=width_mult, reduced_tail=reduced_tail,
+                 dilated=dilated, num_classes=num_classes, dtype=dtype, seed=seed, offline=offline,
+                 progress=progress)
 
 
-def mobilenet_v3_small(*, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=1000,
-                       dtype="float32", seed=0):
-    """MobileNetV3-Small (torchvision's ``mobilenet_v3_small``), randomly initialised."""
-    return MobileNetV3("mobilenet_v3_small", width_mult=width_mult, reduced_tail=reduced_tail,
-                       dilated=dilated, num_classes=num_classes, dtype=dtype, seed=seed)
+def mobilenet_v3_small(weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False,
+                       num_classes=None, dtype="float32", seed=0, offline=None, progress=None):
+    """MobileNetV3-Small, as torchvision's ``mobilenet_v3_small``.
 
-
-from .summary import summary  # noqa: E402
+    weights: None (random), "DEFAULT" (= "IMAGENET1K_V1"), "IMAGENET1K_V1", or a path to a
+    ``.pth`` or ``.npz`` file. Other arguments as for ``mobilenet_v3_large``.
+    """
+    return build("mobilenet_v3_small", weights, width_mult=width_mult, reduced_tail=reduced_tail,
+                 dilated=dilated, num_classes=num_classes, dtype=dtype, seed=seed, offline=offline,
+                 progress=progress)

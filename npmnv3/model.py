@@ -210,6 +210,15 @@ class MobileNetV3:
                 self.params[key] = np.array(state_dict[key], dtype=self.dtype, copy=True)
         self._engine = None
 
+    def save(self, path):
+        """Write the weights to npmnv3's ``.npz`` format, with the architecture and ``meta`` as JSON.
+
+        ``npmnv3.mobilenet_v3_large(weights=path)`` (or ``_small``) reads it back.
+        """
+        from .serialization import save_state_dict
+        metadata = dict(self.meta, arch=self.arch, **self.options)
+        save_state_dict(self.state_dict(), path, metadata=metadata)
+
     # ----------------------------------------------------------------- forward
 
     def __call__(self, x, return_intermediates=False):

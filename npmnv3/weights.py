@@ -1,0 +1,172 @@
+"""The official torchvision weights, and loading weights into a model by name or path.
+
+Three files are published for MobileNetV3 (ImageNet-1k, 1000 classes); npmnv3 reads them as they
+are, without torch, after checking their size and full SHA-256:
+
+    mobilenet_v3_large  IMAGENET1K_V1             mobilenet_v3_large-8738ca79.pth  resize 256  74.042 / 91.340
+    mobilenet_v3_large  IMAGENET1K_V2 (DEFAULT)   mobilenet_v3_large-5c1a4163.pth  resize 232  75.274 / 92.566
+    mobilenet_v3_small  IMAGENET1K_V1 (DEFAULT)   mobilenet_v3_small-047dcff4.pth  resize 256  67.668 / 87.402
+
+All use a centre crop of 224 and ImageNet's mean and std. ``fetch`` downloads a file once into the
+cache (``hub.cache_dir()``) or finds it in torch's hub cache.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import hub
+from .imagenet import categories
+from .serialization import load_metadata, load_state_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One official weights file and how to use it."""
+
+    arch: str
+    name: str
+    filename: str
+    size: int
+    sha256: str
+    resize_size: int
+    acc1: float
+    acc5: float
+    crop_size: int = 224
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    num_classes: int = 1000
+    recipe: str = field(default="https://github.com/pytorch/vision/tree/main/references/classification")
+
+    @property
+    def url(self):
+        """Where torchvision publishes the file (``NPMNV3_WEIGHTS_URL`` replaces the base)."""
+        return hub.DEFAULT_BASE_URL + self.filename
+
+    def fetch(self, offline=None, progress=None):
+        """Path of the verified local file, downloading it on first use (see ``hub.fetch``)."""
+        return hub.fetch(self.filename, self.sha256, self.size, offline=offline, progress=progress)
+
+    def meta(self):
+        """What predict() needs: preprocessing, class names and where the numbers came from."""
+        return dict(arch=self.arch, weights=self.name, resize_size=self.resize_size,
+                    crop_size=self.crop_size, mean=list(self.mean), std=list(self.std),
+                    categories=categories(), acc1=self.acc1, acc5=self.acc5)
+
+
+OFFICIAL = {
+    ("mobilenet_v3_large", "IMAGENET1K_V1"): Weights(
+        "mobilenet_v3_large", "IMAGENET1K_V1", "mobilenet_v3_large-8738ca79.pth", 22_139_423,
+        "8738ca797c879b547d18bbd15da5736ff2557b2036a9af72225393ca61759a04", 256, 74.042, 91.340),
+    ("mobilenet_v3_large", "IMAGENET1K_V2"): Weights(
+        "mobilenet_v3_large", "IMAGENET1K_V2", "mobilenet_v3_large-5c1a4163.pth", 22_132_113,
+        "5c1a416349c4cf298f2a6a5e2600ed0ee55e604713578f5e74e6bc8bcaef7997", 232, 75.274, 92.566),
+    ("mobilenet_v3_small", "IMAGENET1K_V1"): Weights(
+        "mobilenet_v3_small", "IMAGENET1K_V1", "mobilenet_v3_small-047dcff4.pth", 10_306_551,
+        "047dcff4addef86ea5bc2eff13c9614dc11f47ab1160d0a71a25e7db994f4e1f", 256, 67.668, 87.402),
+}
+DEFAULT = {"mobilenet_v3_large": "IMAGENET1K_V2", "mobilenet_v3_small": "IMAGENET1K_V1"}
+
+
+def get_weights(arch, name="DEFAULT"):
+    """The official ``Weights`` for ``arch`` called ``name`` ("DEFAULT", "IMAGENET1K_V1", ...).
+
+    torchvision's spelling "MobileNet_V3_Large_Weights.IMAGENET1K_V2" is accepted too.
+    """
+    key = name.rsplit(".", 1)[-1].upper()
+    if key == "DEFAULT" and arch in DEFAULT:
+        key = DEFAULT[arch]
+    if (arch, key) not in OFFICIAL:
+        known = ", ".join(["DEFAULT"] + [n for a, n in OFFICIAL if a == arch])
+        raise ValueError(f"weights: {name!r} is not an official {arch} weights name; expected one of "
+                         f"{known}, a path to a weights file (.pth or .npz), or None")
+    return OFFICIAL[(arch, key)]
+
+
+def is_official_name(arch, weights):
+    """True when the string ``weights`` names official weights rather than a file."""
+    try:
+        get_weights(arch, weights)
+    except ValueError:
+        return False
+    return True
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def meta_for_file(arch, path):
+    """Preprocessing and class names for a weights file given by path.
+
+    An official file (recognised by its SHA-256) gets its registry entry; a ``.npz`` written by
+    npmnv3 carries its own metadata; anything else gets ImageNet's defaults (resize 256, crop 224).
+    """
+    path = Path(path)
+    stored = load_metadata(path)
+    if stored.get("resize_size"):
+        meta = dict(stored)
+        meta.setdefault("categories", categories() if stored.get("num_classes", 1000) == 1000 else None)
+        return meta
+    if path.stat().st_size in {w.size for w in OFFICIAL.values()}:
+        digest = _sha256(path)
+        for w in OFFICIAL.values():
+            if w.sha256 == digest:
+                return w.meta()
+    return dict(arch=arch, weights=str(path), resize_size=256, crop_size=224, mean=list(IMAGENET_MEAN),
+                std=list(IMAGENET_STD), categories=categories())
+
+
+def resolve(arch, weights, offline=None, progress=None):
+    """``(state_dict, meta)`` for a builder's ``weights`` argument, or ``(None, {})`` for None.
+
+    ``weights`` may be None, "DEFAULT", an official name, a ``Weights`` entry, or a path to a
+    ``.pth`` (torch.save) or ``.npz`` (npmnv3) file.
+    """
+    if weights is None:
+        return None, {}
+    if isinstance(weights, Weights):
+        if weights.arch != arch:
+            raise ValueError(f"weights: {weights.arch} {weights.name} weights do not fit {arch}")
+        entry = weights
+    elif isinstance(weights, str) and is_official_name(arch, weights):
+        entry = get_weights(arch, weights)
+    elif isinstance(weights, (str, Path)) or hasattr(weights, "__fspath__"):
+        path = Path(weights)
+        if not path.exists() and isinstance(weights, str) and "." not in path.name and "/" not in weights:
+            get_weights(arch, weights)    # a mistyped name: raises with the list of known names
+        return load_state_dict(path), meta_for_file(arch, path)
+    else:
+        raise TypeError(f"weights: expected None, 'DEFAULT', a weights name or a path, got {type(weights).__name__}")
+    path = entry.fetch(offline=offline, progress=progress)
+    return load_state_dict(path), entry.meta()
+
+
+def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=None,
+          dtype="float32", seed=0, offline=None, progress=None):
+    """Build ``arch`` and load ``weights`` into it (see ``resolve``); the builders call this.
+
+    ``num_classes`` defaults to the weights' classifier size (1000 for the official weights,
+    or whatever a fine-tuned file holds), else 1000.
+    """
+    from .model import MobileNetV3
+
+    state_dict, meta = resolve(arch, weights, offline=offline, progress=progress)
+    if num_classes is None:
+        head = None if state_dict is None else state_dict.get("classifier.3.weight")
+        num_classes = int(head.shape[0]) if head is not None and getattr(head, "ndim", 0) == 2 else 1000
+    model = MobileNetV3(arch, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
+                        num_classes=num_classes, dtype=dtype, seed=seed)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+        if meta.get("categories") is not None and len(meta["categories"]) != model.num_classes:
+            meta["categories"] = None
+        model.meta = meta
+    return model
