@@ -1,0 +1,200 @@
+"""Official weights registry, builders' weights= argument, .npz round trips, weights_convert.py."""
+
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import npmnv3
+from npmnv3 import weights as W
+from conftest import numpy_state_dict, random_torch_model, rel_err
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_registry_matches_torchvision():
+    enums = {"mobilenet_v3_large": torchvision.models.MobileNet_V3_Large_Weights,
+             "mobilenet_v3_small": torchvision.models.MobileNet_V3_Small_Weights}
+    assert set(W.OFFICIAL) == {(a, w.name) for a, e in enums.items() for w in e}
+    for (arch, name), entry in W.OFFICIAL.items():
+        tv = enums[arch][name]
+        assert entry.url == tv.url
+        assert entry.sha256.startswith(tv.url.rsplit("-", 1)[1][:8])    # torchvision's 8-hex prefix
+        assert entry.resize_size == tv.transforms().resize_size[0]
+        assert entry.crop_size == tv.transforms().crop_size[0]
+        assert entry.mean == tuple(tv.transforms().mean) and entry.std == tuple(tv.transforms().std)
+        assert entry.acc1 == tv.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+        assert entry.acc5 == tv.meta["_metrics"]["ImageNet-1K"]["acc@5"]
+        assert entry.meta()["categories"] == tv.meta["categories"]
+    assert W.get_weights("mobilenet_v3_large").name == enums["mobilenet_v3_large"].DEFAULT.name
+    assert W.get_weights("mobilenet_v3_small", "DEFAULT").name == enums["mobilenet_v3_small"].DEFAULT.name
+    assert W.get_weights("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1").resize_size == 256
+
+
+def test_unknown_weight_names():
+    with pytest.raises(ValueError, match=r"weights: 'IMAGENET1K_V2' is not an official mobilenet_v3_small weights "
+                                         r"name; expected one of DEFAULT, IMAGENET1K_V1, a path"):
+        npmnv3.mobilenet_v3_small(weights="IMAGENET1K_V2")
+    with pytest.raises(TypeError, match="weights: expected None, 'DEFAULT', a weights name or a path, got int"):
+        npmnv3.mobilenet_v3_small(weights=3)
+    with pytest.raises(ValueError, match="weights: mobilenet_v3_large IMAGENET1K_V1 weights do not fit mobilenet_v3_small"):
+        npmnv3.mobilenet_v3_small(weights=W.get_weights("mobilenet_v3_large", "IMAGENET1K_V1"))
+    with pytest.raises(npmnv3.WeightsFormatError, match=r"nope\.pth"):
+        npmnv3.mobilenet_v3_small(weights="/nonexistent/nope.pth")
+
+
+@pytest.mark.parametrize("arch", ("mobilenet_v3_large", "mobilenet_v3_small"))
+def test_pth_file_loads_without_torch_and_casts(arch, tmp_path):
+    torch_model = random_torch_model(arch, seed=21)
+    torch.save(torch_model.state_dict(), tmp_path / "w.pth")
+    for dtype in ("float32", "float64"):
+        model = getattr(npmnv3, arch)(weights=tmp_path / "w.pth", dtype=dtype)
+        assert all(v.dtype == np.dtype(dtype) for v in model.params.values())
+        for k, v in numpy_state_dict(torch_model).items():
+            if not k.endswith("num_batches_tracked"):
+                np.testing.assert_array_equal(model.params[k], v.astype(dtype))
+
+
+def test_model_save_round_trip_keeps_metadata(tmp_path):
+    model = npmnv3.mobilenet_v3_small(seed=3, num_classes=10)
+    model.meta = dict(resize_size=240, crop_size=200, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+                      categories=[f"c{i}" for i in range(10)])
+    model.save(tmp_path / "m.npz")
+    assert not [p for p in tmp_path.iterdir() if p.name != "m.npz"]     # no temp files left
+    again = npmnv3.mobilenet_v3_small(weights=tmp_path / "m.npz")
+    assert again.num_classes == 10 and again.meta["resize_size"] == 240 and again.meta["categories"][3] == "c3"
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(again.params[k], v)
+    assert npmnv3.serialization.load_metadata(tmp_path / "m.npz")["arch"] == "mobilenet_v3_small"
+
+
+# --------------------------------------------------------------------------- official weights via the downloader
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files = {}
+    requests = []
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        body = self.files.get(self.path.rsplit("/", 1)[-1])
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror(monkeypatch, tmp_path):
+    """A 127.0.0.1 server standing in for download.pytorch.org, with registry entries pointing at
+    files made here by torch.save (the real ones are unreachable from the test machines)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Handler.files, _Handler.requests = {}, []
+    monkeypatch.setenv("NPMNV3_WEIGHTS_URL", f"http://127.0.0.1:{server.server_address[1]}/models/")
+    monkeypatch.setenv("NPMNV3_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("NPMNV3_OFFLINE", raising=False)
+
+    def publish(arch, name, torch_model):
+        path = tmp_path / "publish.pth"
+        torch.save(torch_model.state_dict(), path)
+        data = path.read_bytes()
+        old = W.OFFICIAL[(arch, name)]
+        entry = W.Weights(arch, name, old.filename, len(data), hashlib.sha256(data).hexdigest(),
+                          old.resize_size, old.acc1, old.acc5)
+        monkeypatch.setitem(W.OFFICIAL, (arch, name), entry)
+        _Handler.files[old.filename] = data
+        return entry
+
+    yield publish
+    server.shutdown()
+    server.server_close()
+
+
+def test_default_weights_are_downloaded_cached_and_agree(mirror, tmp_path):
+    torch_model = random_torch_model("mobilenet_v3_small", seed=22)
+    entry = mirror("mobilenet_v3_small", "IMAGENET1K_V1", torch_model)
+    model = npmnv3.mobilenet_v3_small(weights="DEFAULT", progress=False)
+    assert (tmp_path / "cache" / entry.filename).stat().st_size == entry.size
+    assert model.meta["weights"] == "IMAGENET1K_V1" and model.meta["resize_size"] == 256
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 80)).astype(np.float32)
+    with torch.no_grad():
+        assert rel_err(model(x), torch_model(torch.from_numpy(x)).numpy()) < 1e-4
+    npmnv3.mobilenet_v3_small(weights="IMAGENET1K_V1")           # from the cache: no second request
+    assert len(_Handler.requests) == 1
+    # a file given by path that is an official file is recognised by its SHA-256
+    assert npmnv3.mobilenet_v3_small(weights=tmp_path / "cache" / entry.filename).meta["weights"] == "IMAGENET1K_V1"
+
+
+def test_large_v1_and_v2_carry_their_preprocessing(mirror):
+    torch_model = random_torch_model("mobilenet_v3_large", seed=23)
+    mirror("mobilenet_v3_large", "IMAGENET1K_V1", torch_model)
+    mirror("mobilenet_v3_large", "IMAGENET1K_V2", torch_model)
+    assert npmnv3.mobilenet_v3_large(weights="IMAGENET1K_V1", progress=False).meta["resize_size"] == 256
+    assert npmnv3.mobilenet_v3_large(weights="DEFAULT", progress=False).meta["resize_size"] == 232
+
+
+# --------------------------------------------------------------------------- weights_convert.py
+
+def run_convert(*argv, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), *map(str, argv)],
+                          capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("float16", (False, True))
+def test_convert_pth_to_npz(tmp_path, float16):
+    torch_model = random_torch_model("mobilenet_v3_large", seed=24)
+    torch.save(torch_model.state_dict(), tmp_path / "src.pth")
+    run = run_convert(tmp_path / "src.pth", tmp_path / "out.npz", *(["--float16"] if float16 else []))
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {tmp_path / 'out.npz'}: mobilenet_v3_large (312 tensors" in run.stdout
+    diff = float(run.stdout.split("vs torchvision: ")[1])
+    assert diff < 1e-3
+    sd = npmnv3.load_state_dict(tmp_path / "out.npz")
+    assert {v.dtype for k, v in sd.items() if not k.endswith("tracked")} == {np.dtype(np.float16 if float16 else np.float32)}
+    model = npmnv3.mobilenet_v3_large(weights=tmp_path / "out.npz")
+    assert model.dtype == np.float32
+    x = np.random.default_rng(1).standard_normal((1, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(x)).numpy()
+    assert rel_err(model(x), ref) < (5e-2 if float16 else 1e-4)
+
+
+def test_convert_fetches_official_weights(tmp_path, mirror):
+    torch_model = random_torch_model("mobilenet_v3_small", seed=25)
+    mirror("mobilenet_v3_small", "IMAGENET1K_V1", torch_model)
+    env = {k: os.environ[k] for k in ("NPMNV3_WEIGHTS_URL", "NPMNV3_HOME", "TORCH_HOME")}
+    run = run_convert("--arch", "mobilenet_v3_small", "--weights", "DEFAULT", tmp_path / "o.npz", "--no-check", env=env)
+    assert run.returncode != 0     # the subprocess sees the real registry: the hash of our stand-in file fails
+    assert "SHA-256" in run.stderr and "weights_convert: error: cannot fetch mobilenet_v3_small-047dcff4.pth" in run.stderr
+    # in-process, with the stand-in registered, it converts
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("weights_convert", ROOT / "weights_convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    assert convert.main(["--arch", "mobilenet_v3_small", "--weights", "DEFAULT", str(tmp_path / "o.npz")]) == 0
+    assert npmnv3.mobilenet_v3_small(weights=tmp_path / "o.npz").meta["weights"] == "IMAGENET1K_V1"
+
+
+def test_convert_errors(tmp_path):
+    run = run_convert(tmp_path / "missing.pth", tmp_path / "o.npz")
+    assert run.returncode == 1 and run.stderr.startswith("weights_convert: error: ") and "missing.pth" in run.stderr
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    run = run_convert(tmp_path / "other.npz", tmp_path / "o.npz")
+    assert run.returncode == 1 and "the weights fit no MobileNetV3 with these options" in run.stderr
+    assert not (tmp_path / "o.npz").exists()
