@@ -362,12 +362,13 @@ def _lookup_global(module, name) -> _StandIn:
 def _scan_pickle(data: bytes, start: int = 0) -> int:
     """Check the opcodes of the pickle starting at ``data[start]``; return the offset after its STOP.
 
-    Nothing is executed: ``genops`` only decodes. A disallowed opcode anywhere is
-    reported before any disallowed global, so the first reason is deterministic.
+    Nothing is executed: ``genops`` only decodes. The first offence in file
+    order is reported: a disallowed opcode, or a GLOBAL naming something off
+    the allowlist (STACK_GLOBAL names are only known when unpickling, where
+    ``find_class`` checks them).
     """
     stream = io.BytesIO(data)
     stream.seek(start)
-    globals_named = []
     with _stage("corrupt pickle"):
         for index, (opcode, arg, pos) in enumerate(pickletools.genops(stream)):
             if opcode.name not in _ALLOWED_OPCODES:
@@ -377,9 +378,7 @@ def _scan_pickle(data: bytes, start: int = 0) -> int:
             if opcode.name == "PROTO" and arg not in _ALLOWED_PROTOCOLS:
                 raise _Refused(f"pickle protocol {arg} is not supported")
             if opcode.name == "GLOBAL":
-                globals_named.append(arg.split(" ", 1))
-    for module, name in globals_named:
-        _lookup_global(module, name)
+                _lookup_global(*arg.split(" ", 1))
     return stream.tell()
 
 
@@ -419,13 +418,15 @@ class _StorageTable:
 
     def resolve(self, pid) -> _StorageRef:
         """Check one persistent id ``('storage', type, key, location, numel[, view])``."""
-        if not isinstance(pid, tuple) or len(pid) != self.pid_length:
-            raise _Refused(f"persistent id {pid!r:.80} is not a {self.pid_length}-tuple")
-        kind, storage_type, key, location, numel = pid[:5]
-        if kind == "module":
+        if not isinstance(pid, tuple) or not pid:
+            raise _Refused(f"persistent id {pid!r:.80} is not a tuple")
+        if pid[0] == "module":
             raise _Refused("file contains a pickled nn.Module; save model.state_dict() instead")
-        if kind != "storage":
-            raise _Refused(f"unknown persistent id kind {kind!r:.40}")
+        if pid[0] != "storage":
+            raise _Refused(f"unknown persistent id kind {pid[0]!r:.40}")
+        if len(pid) != self.pid_length:
+            raise _Refused(f"storage persistent id {pid!r:.80} is not a {self.pid_length}-tuple")
+        _, storage_type, key, location, numel = pid[:5]
         if not isinstance(storage_type, _StorageType):
             raise _Refused(f"storage type {storage_type!r:.60} is not a torch storage class")
         if not isinstance(key, str) or not _STORAGE_KEY_RE.fullmatch(key):
