@@ -270,7 +270,7 @@ def _describe_foreign(head: bytes) -> str:
         return "file is a single NumPy .npy array, not a state dict (.npz)"
     if head[:1] == b"\x80":
         return "file is a plain pickle, not a torch.save file or .npz; refusing to unpickle it"
-    return f"unrecognised file format (first bytes {head[:8]!r})"
+    return f"unrecognised file format (first bytes {head[:16]!r})"
 
 
 def _read_npz(source: str, only: str | None = None) -> dict[str, np.ndarray]:

@@ -366,9 +366,14 @@ def _scan_pickle(data: bytes, start: int = 0) -> int:
     order is reported: a disallowed opcode, or a GLOBAL naming something off
     the allowlist (STACK_GLOBAL names are only known when unpickling, where
     ``find_class`` checks them).
+
+    Memo indices must be sequential, as pickle writes them: the C unpickler
+    grows (and zero-fills) its memo table up to the largest index it sees, so
+    one ``LONG_BINPUT 2**31`` would cost gigabytes.
     """
     stream = io.BytesIO(data)
     stream.seek(start)
+    memo_size = 0
     with _stage("corrupt pickle"):
         for index, (opcode, arg, pos) in enumerate(pickletools.genops(stream)):
             if opcode.name not in _ALLOWED_OPCODES:
@@ -379,6 +384,10 @@ def _scan_pickle(data: bytes, start: int = 0) -> int:
                 raise _Refused(f"pickle protocol {arg} is not supported")
             if opcode.name == "GLOBAL":
                 _lookup_global(*arg.split(" ", 1))
+            if opcode.name in ("BINPUT", "LONG_BINPUT") and arg > memo_size:
+                raise _Refused(f"pickle memo index {arg} at byte {pos} is out of sequence")
+            if opcode.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo_size += 1
     return stream.tell()
 
 
