@@ -1,0 +1,747 @@
+"""Exercises: write MobileNetV3's kernels yourself and have them checked against the reference.
+
+For each kernel there is a stub with the reference's signature and a docstring giving the shapes and
+the formula (its body raises ``NotImplementedError``), and a checker::
+
+    conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1)      check_conv2d(fn)
+    depthwise_conv2d(x, weight, stride=1, padding=0, dilation=1)       check_depthwise_conv2d(fn)
+    batch_norm(x, running_mean, running_var, weight, bias, eps=0.001)  check_batch_norm(fn)
+    hard_swish(x)                                                      check_hard_swish(fn)
+    squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)      check_squeeze_excite(fn)
+
+Write a function with the same signature (in a notebook, see ``notebooks/07_exercises.ipynb``, or
+in a file of your own) and pass the function itself to the checker::
+
+    >>> import numpy as np
+    >>> from npmnv3.exercises import check_hard_swish
+    >>> def my_hard_swish(x):
+    ...     return x * np.clip(x + 3, 0, 6) / 6
+    >>> result = check_hard_swish(my_hard_swish)
+    check_hard_swish: all 6 cases passed
+
+A checker calls your function on a fixed list of small random cases (``seed`` picks the random
+numbers, never the shapes): odd and unequal heights and widths, batch 1 and 3, float64 then float32,
+and whatever the kernel makes tricky -- stride 1 and 2, kernel 1, 3 and 5, dilation 1 and 2, padding
+0 up to more than the kernel's half width for the convolutions; running variances smaller than eps
+for batch norm; inputs on and right beside the kinks at -3, 0 and 3 for hard-swish; non-zero
+biases everywhere. It compares each output with ``npmnv3.kernels`` evaluated in float64 on the same
+inputs and stops at the first failing case, printing (unless ``verbose=False``) and returning a
+:class:`CheckResult` that says what failed:
+
+* the case: its parameters, the input shapes and the exact call made;
+* an exception raised by your function, with the line it came from (``NotImplementedError`` is
+  reported as "not implemented yet");
+* a return value that is not a numpy array (``None``: a missing ``return``);
+* an input your function changed in place (each call gets fresh copies, and the copies are compared
+  with the originals afterwards, so this cannot go unnoticed nor fool the comparison);
+* a wrong output shape (for the convolutions, with the output-size formula worked out);
+* a wrong output dtype: kernels keep their input's dtype, so float64 out of a float32 input fails;
+* otherwise the largest error, where it is and the expected and computed values there.
+
+A value passes when ``|got - expected| <= tol * max(1, max|expected|)`` with ``tol`` 1e-10 for
+float64 and 1e-4 for float32: the same sum taken in another order passes, a wrong formula does not.
+The references are ``npmnv3/kernels.py`` (each kernel as plain loops and vectorised): the solutions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import traceback
+
+import numpy as np
+
+from . import kernels as K
+
+__all__ = [
+    "CheckResult", "TOLERANCE",
+    "conv2d", "depthwise_conv2d", "batch_norm", "hard_swish", "squeeze_excite",
+    "check_conv2d", "check_depthwise_conv2d", "check_batch_norm", "check_hard_swish",
+    "check_squeeze_excite",
+]
+
+#: Relative tolerance by dtype: a value passes when |got - expected| <= tol * max(1, max|expected|).
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+
+
+# =========================================================================== stubs for the student
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """2-D convolution (cross-correlation, as in PyTorch) through im2col.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+        A batch of N images with C channels.
+    weight : ndarray of shape (O, C, kh, kw)
+        O filters, each with one kh x kw kernel per input channel (OIHW).
+    bias : ndarray of shape (O,), or None
+        Added to every position of each output channel.
+    stride, padding, dilation : int
+        Step between windows, zeros added on *each* side of H and W, spacing between kernel taps.
+
+    Returns
+    -------
+    y : ndarray of shape (N, O, H_out, W_out), same dtype as ``x``
+        With ``xpad`` the zero-padded input::
+
+            y[n, o, oh, ow] = bias[o] + sum_{c, i, j} weight[o, c, i, j]
+                                        * xpad[n, c, oh * stride + i * dilation, ow * stride + j * dilation]
+
+            H_out = (H + 2 * padding - dilation * (kh - 1) - 1) // stride + 1      (W_out alike)
+
+    Notes
+    -----
+    im2col unfolds each receptive field into a column, ``cols`` of shape (N, C * kh * kw,
+    H_out * W_out), row ``(c * kh + i) * kw + j`` holding tap (c, i, j); then
+    ``y[n] = weight.reshape(O, C * kh * kw) @ cols[n]``: the whole convolution is one matrix
+    product per image. The row order of ``cols`` must match the order of ``weight.reshape``.
+    """
+    raise NotImplementedError("exercise: write this function -- zero-pad, im2col, then a matrix product")
+
+
+def depthwise_conv2d(x, weight, stride=1, padding=0, dilation=1):
+    """Depthwise convolution: every channel convolved with its own kernel (groups = C), no bias.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    weight : ndarray of shape (C, 1, kh, kw)
+        One kh x kw kernel per channel (PyTorch's layout for groups = C).
+    stride, padding, dilation : int
+        As in :func:`conv2d`.
+
+    Returns
+    -------
+    y : ndarray of shape (N, C, H_out, W_out), same dtype as ``x``
+        ::
+
+            y[n, c, oh, ow] = sum_{i, j} weight[c, 0, i, j]
+                                         * xpad[n, c, oh * stride + i * dilation, ow * stride + j * dilation]
+
+        with H_out and W_out as in :func:`conv2d`. Channels never mix.
+
+    Notes
+    -----
+    Vectorise over (n, c, oh, ow) at once: for each tap (i, j), take the strided window
+    ``xpad[:, :, i*dilation : ... : stride, j*dilation : ... : stride]`` of shape (N, C, H_out, W_out),
+    multiply by ``weight[:, 0, i, j]`` broadcast as (1, C, 1, 1), and accumulate.
+    """
+    raise NotImplementedError("exercise: write this function -- one shifted, strided window per tap")
+
+
+def batch_norm(x, running_mean, running_var, weight, bias, eps=0.001):
+    """Batch normalisation in inference form, with the running statistics.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    running_mean, running_var : ndarray of shape (C,)
+        Statistics of each channel, measured in training.
+    weight, bias : ndarray of shape (C,)
+        The learned scale (gamma) and shift (beta) of each channel.
+    eps : float
+        Added to the variance; MobileNetV3 uses 0.001 (PyTorch's default is 1e-5: not here).
+
+    Returns
+    -------
+    y : ndarray of shape (N, C, H, W), same dtype as ``x``
+        ::
+
+            y[:, c] = (x[:, c] - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c]
+
+    Notes
+    -----
+    Broadcast the (C,) vectors as (1, C, 1, 1). Do not modify ``x`` (no ``x -= ...``).
+    """
+    raise NotImplementedError("exercise: write this function -- (x - mean) / sqrt(var + eps) * weight + bias")
+
+
+def hard_swish(x):
+    """Hard-swish, MobileNetV3's activation: a piecewise stand-in for swish(x) = x * sigmoid(x).
+
+    Parameters
+    ----------
+    x : ndarray of any shape
+        (N, C, H, W) inside the network, (N, features) in the classifier.
+
+    Returns
+    -------
+    y : ndarray of the shape and dtype of ``x``
+        ::
+
+            hard_swish(x) = x * relu6(x + 3) / 6,   relu6(t) = min(max(t, 0), 6)
+
+                          = 0                 for x <= -3
+                          = x * (x + 3) / 6   for -3 <= x <= 3
+                          = x                 for x >= 3
+    """
+    raise NotImplementedError("exercise: write this function -- x * relu6(x + 3) / 6")
+
+
+def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """Squeeze-and-excitation (torchvision's form): rescale each channel by a learned gate in [0, 1].
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    fc1_weight : ndarray of shape (S, C, 1, 1)
+        The "squeeze" 1x1 convolution, C -> S channels (S = make_divisible(C // 4, 8) in MobileNetV3).
+    fc1_bias : ndarray of shape (S,)
+    fc2_weight : ndarray of shape (C, S, 1, 1)
+        The "excite" 1x1 convolution, S -> C channels.
+    fc2_bias : ndarray of shape (C,)
+
+    Returns
+    -------
+    y : ndarray of shape (N, C, H, W), same dtype as ``x``
+        For each image n::
+
+            s = mean over (h, w) of x[n]                            (C,)  squeeze
+            z = relu(fc1_weight[:, :, 0, 0] @ s + fc1_bias)         (S,)
+            e = hard_sigmoid(fc2_weight[:, :, 0, 0] @ z + fc2_bias) (C,)  excitation, in [0, 1]
+            y[n, c] = x[n, c] * e[c]
+
+        with hard_sigmoid(t) = relu6(t + 3) / 6 (not the logistic sigmoid).
+
+    Notes
+    -----
+    A 1x1 convolution of a 1x1 map is a matrix-vector product; for the whole batch at once,
+    ``s`` is (N, C) and ``z = relu(s @ W1.T + b1)`` is (N, S).
+    """
+    raise NotImplementedError("exercise: write this function -- mean, fc1, relu, fc2, hard-sigmoid, scale")
+
+
+# =========================================================================== the result
+
+@dataclasses.dataclass(repr=False)
+class CheckResult:
+    """What a ``check_<kernel>`` found; truthy when every case passed.
+
+    Attributes
+    ----------
+    kernel : str
+        The kernel checked, e.g. ``"conv2d"``.
+    passed : bool
+        True when every case passed.
+    message : str
+        The verdict, as printed: one line on success, the first failing case in detail otherwise.
+    case : dict or None
+        The first failing case: ``number`` (1-based), ``note``, ``call``, the scalar parameters
+        (``stride``, ``padding``, ``dilation``, ``eps``, ... and ``dtype``) and ``shapes``
+        (input name -> shape, None for an input passed as None).
+    max_error : float or None
+        Largest ``|got - expected|`` in that case, when the output could be compared.
+    where : tuple or None
+        Index of that largest error in the output; or, when an input was modified in place, the
+        index of the largest change in that input.
+    n_cases : int
+        The number of cases the checker has.
+    """
+
+    kernel: str
+    passed: bool
+    message: str
+    case: dict | None = None
+    max_error: float | None = None
+    where: tuple | None = None
+    n_cases: int = 0
+
+    def __bool__(self):
+        return bool(self.passed)
+
+    def __str__(self):
+        return self.message
+
+    def __repr__(self):
+        verdict = "passed" if self.passed else f"failed on case {self.case['number'] if self.case else '?'}"
+        extra = "" if self.max_error is None else f", max_error={self.max_error:.3g}, where={self.where}"
+        return f"CheckResult({self.kernel!r}: {verdict} of {self.n_cases}{extra})"
+
+
+# =========================================================================== the checking engine
+
+@dataclasses.dataclass
+class _Case:
+    note: str            # what the case is about, shown in the verdict
+    args: list           # [(name, ndarray or None)], passed positionally, each call gets copies
+    kwargs: dict         # scalar keyword arguments, passed as given
+    params: dict         # parameters shown to the student: kwargs and more (kernel size, dtype)
+    expected: np.ndarray  # the reference's output, computed in float64 from the same inputs
+    dtype: np.dtype
+
+    def arg(self, name):
+        return dict(self.args)[name]
+
+    def call(self, fn_name):
+        parts = ["None" if a is None else name for name, a in self.args]
+        parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{fn_name}({', '.join(parts)})"
+
+    def as_dict(self, number, fn_name):
+        shapes = {name: None if a is None else tuple(a.shape) for name, a in self.args}
+        return {"number": number, "note": self.note, "call": self.call(fn_name), **self.params,
+                "shapes": shapes}
+
+
+def _fmt(v):
+    return f"{float(v) + 0.0:.10g}"                   # + 0.0: -0.0 shows as 0
+
+
+def _index(flat_index, shape):
+    return tuple(int(i) for i in np.unravel_index(int(flat_index), shape))
+
+
+def _float64(a):
+    return None if a is None else np.asarray(a, np.float64)
+
+
+def _make_case(note, args, kwargs, params, reference, dtype, ref_kwargs=None):
+    """Cast the float64 arrays ``args`` to ``dtype``, and compute the reference output in float64."""
+    dtype = np.dtype(dtype)
+    args = [(name, None if a is None else np.ascontiguousarray(a, dtype)) for name, a in args]
+    expected = reference(*[_float64(a) for _, a in args], **(kwargs if ref_kwargs is None else ref_kwargs))
+    return _Case(note, args, dict(kwargs), {**params, "dtype": dtype.name}, expected, dtype)
+
+
+def _raised_at(exc):
+    """Where in the traceback: the deepest frame outside numpy, and the outermost (the student's function)."""
+    frames = traceback.extract_tb(exc.__traceback__)[1:]        # [0] is the checker's own call
+    numpy_dir = os.path.dirname(np.__file__)
+    own = [f for f in frames if not os.path.abspath(f.filename).startswith(numpy_dir)]
+    if not own:
+        return []
+
+    def show(f):
+        code = f"\n      {f.line.strip()}" if f.line else ""
+        return f'File "{f.filename}", line {f.lineno}, in {f.name}{code}'
+    lines = [f"  raised at {show(own[-1])}"]
+    if len(own) > 1:
+        lines.append(f"  called from {show(own[0])}")
+    return lines
+
+
+def _failure(kernel, fn_name, case, number, n_cases, problem, *, max_error=None, where=None):
+    header = f"check_{kernel}: FAILED on case {number} of {n_cases} ({case.note})"
+    params = ", ".join(f"{k}={v}" for k, v in case.params.items())
+    inputs = ", ".join(f"{name} None" if a is None else f"{name} {tuple(a.shape)}" for name, a in case.args)
+    lines = [header,
+             f"  case:    {params}",
+             f"  inputs:  {inputs}",
+             f"  call:    {case.call(fn_name)}"]
+    lines += ["  " + line if line else "" for line in problem]
+    return CheckResult(kernel, False, "\n".join(lines), case.as_dict(number, fn_name),
+                       max_error, where, n_cases)
+
+
+def _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, explain):
+    """Run one case; a failing CheckResult, or None when the case passes."""
+    passed_args = [None if a is None else a.copy() for _, a in case.args]
+    try:
+        got = student_fn(*passed_args, **case.kwargs)
+    except NotImplementedError as exc:
+        text = f": {exc}" if str(exc) else ""
+        message = (f"check_{kernel}: not implemented yet\n"
+                   f"  {fn_name} raised NotImplementedError{text}\n"
+                   f"  Write the body of {fn_name}, then run check_{kernel}({fn_name}) again.")
+        return CheckResult(kernel, False, message, case.as_dict(number, fn_name), None, None, n_cases)
+    except Exception as exc:       # the student's bug, reported with the case that triggered it
+        problem = [f"problem: {fn_name} raised {type(exc).__name__}: {exc}"]
+        problem += _raised_at(exc)
+        return _failure(kernel, fn_name, case, number, n_cases, problem)
+
+    if got is None:
+        return _failure(kernel, fn_name, case, number, n_cases, [
+            f"problem: {fn_name} returned None instead of an array (a missing `return`?)"])
+    if not isinstance(got, np.ndarray):
+        return _failure(kernel, fn_name, case, number, n_cases, [
+            f"problem: {fn_name} returned a {type(got).__module__}.{type(got).__qualname__}, "
+            f"not a numpy array (np.ndarray)"])
+
+    for (name, original), passed in zip(case.args, passed_args):
+        if original is None or (passed.shape == original.shape and np.array_equal(passed, original)):
+            continue
+        where = None
+        detail = f"its shape changed from {original.shape} to {passed.shape}"
+        if passed.shape == original.shape:
+            change = np.abs(passed.astype(np.float64) - original)
+            change[~np.isfinite(change)] = np.inf
+            where = _index(np.argmax(change), change.shape)
+            detail = (f"largest change {_fmt(change[where])} at {name}{list(where)}: "
+                      f"was {_fmt(original[where])}, now {_fmt(passed[where])}")
+        return _failure(kernel, fn_name, case, number, n_cases, [
+            f"problem: {fn_name} modified its input `{name}` in place ({detail}).",
+            "A kernel must leave its inputs unchanged: write `x = x - m` or `y = x * s`, not `x -= m` "
+            "or `x *= s`, or work on a copy.",
+        ], where=where)
+
+    expected = case.expected
+    if got.shape != expected.shape:
+        problem = [f"output shape: expected {expected.shape}, got {got.shape} -- the shapes differ"]
+        problem += [f"hint: {line}" for line in shape_hint(case)]
+        return _failure(kernel, fn_name, case, number, n_cases, problem)
+
+    if got.dtype != case.dtype:
+        return _failure(kernel, fn_name, case, number, n_cases, [
+            f"output shape: {got.shape}, as expected",
+            f"output dtype: expected {case.dtype.name} (the dtype of x), got {got.dtype.name} -- wrong dtype",
+            f"Kernels keep the dtype of their input: create arrays with dtype=x.dtype (np.zeros(shape) "
+            f"is float64) or return y.astype(x.dtype).",
+        ])
+
+    error = np.abs(got.astype(np.float64) - expected)
+    error[~np.isfinite(error)] = np.inf
+    tol = TOLERANCE[case.dtype.name]
+    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    max_error = float(error.max()) if error.size else 0.0
+    if max_error <= tol * scale:
+        return None
+    where = _index(np.argmax(error), error.shape)
+    n_bad = int((error > tol * scale).sum())
+    problem = [
+        f"output shape: {got.shape}, as expected",
+        f"max abs error {max_error:.3e} > tolerance {tol * scale:.1e} ({tol:.0e} x max(1, max|expected|)); "
+        f"{n_bad} of {error.size} output values are off",
+        f"at index {where}: expected {_fmt(expected[where])}, got {_fmt(got[where])}",
+    ]
+    if explain is not None:
+        problem += explain(case, where, got)
+    return _failure(kernel, fn_name, case, number, n_cases, problem, max_error=max_error, where=where)
+
+
+def _same_shape_hint(case):
+    return [f"the output has the shape of x, {case.arg('x').shape}"]
+
+
+def _check(kernel, student_fn, cases, verbose, shape_hint=_same_shape_hint, explain=None):
+    n_cases = len(cases)
+    if not callable(student_fn):
+        result = CheckResult(kernel, False, (
+            f"check_{kernel}: FAILED -- expected a function, got a {type(student_fn).__name__}. "
+            f"Pass the function itself: check_{kernel}(my_{kernel}), not check_{kernel}(my_{kernel}(...))."),
+            n_cases=n_cases)
+    else:
+        fn_name = getattr(student_fn, "__name__", None) or kernel
+        result = None
+        for number, case in enumerate(cases, 1):
+            result = _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, explain)
+            if result is not None:
+                break
+        if result is None:
+            result = CheckResult(kernel, True, f"check_{kernel}: all {n_cases} cases passed", n_cases=n_cases)
+    if verbose:
+        print(result.message)
+    return result
+
+
+# =========================================================================== convolutions
+
+def _conv_shape_hint(case):
+    x, w = case.arg("x"), case.arg("weight")
+    s, p, d = case.kwargs["stride"], case.kwargs["padding"], case.kwargs["dilation"]
+    lines = []
+    for axis, size, k in (("H", x.shape[2], w.shape[2]), ("W", x.shape[3], w.shape[3])):
+        lines.append(f"{axis}_out = ({axis} + 2*padding - dilation*(k{axis[0].lower()} - 1) - 1) // stride + 1"
+                     f" = ({size} + 2*{p} - {d}*({k} - 1) - 1) // {s} + 1"
+                     f" = {K.conv_output_size(size, k, s, p, d)}")
+    return lines
+
+
+# N, C, H, W, O, (kh, kw), stride, padding, dilation, bias, note
+_CONV_CASES = [
+    (1, 1, 5, 5, 1, (3, 3), 1, 0, 1, True, "the smallest: one channel, no padding"),
+    (1, 3, 7, 6, 4, (3, 3), 1, 1, 1, True, "padding 1 keeps the size; H != W"),
+    (3, 2, 6, 7, 3, (3, 3), 1, 2, 1, True, "padding wider than the kernel's half: output larger than input"),
+    (1, 2, 8, 7, 3, (3, 3), 2, 1, 1, True, "stride 2 on an even height: padding on both sides"),
+    (3, 2, 9, 6, 2, (5, 5), 1, 2, 1, True, "5x5 kernel, batch 3"),
+    (1, 2, 11, 8, 3, (5, 5), 2, 2, 1, True, "5x5 kernel, stride 2"),
+    (1, 2, 7, 9, 3, (3, 3), 1, 2, 2, True, "dilation 2"),
+    (3, 2, 11, 10, 2, (5, 5), 2, 4, 2, True, "5x5, stride 2, dilation 2, batch 3"),
+    (1, 4, 5, 6, 3, (1, 1), 1, 0, 1, True, "1x1 (pointwise) convolution"),
+    (1, 3, 7, 5, 2, (1, 1), 2, 0, 1, True, "1x1 convolution with stride 2"),
+    (3, 2, 6, 7, 3, (3, 5), 1, 1, 1, True, "non-square 3x5 kernel"),
+    (3, 3, 6, 5, 4, (3, 3), 2, 1, 1, False, "no bias (bias=None), as in MobileNetV3"),
+]
+_CONV_FLOAT32 = (1, 3, 7, 11)          # the cases repeated in float32
+
+
+def _conv2d_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for dtype, rows in ((np.float64, _CONV_CASES), (np.float32, [_CONV_CASES[i] for i in _CONV_FLOAT32])):
+        for n, c, h, w, o, (kh, kw), stride, padding, dilation, has_bias, note in rows:
+            x = rng.standard_normal((n, c, h, w))
+            weight = rng.standard_normal((o, c, kh, kw))
+            bias = rng.standard_normal(o) if has_bias else None
+            kwargs = {"stride": stride, "padding": padding, "dilation": dilation}
+            cases.append(_make_case(note, [("x", x), ("weight", weight), ("bias", bias)], kwargs,
+                                    {**kwargs, "kernel": f"{kh}x{kw}"}, K.conv2d, dtype))
+    return cases
+
+
+def check_conv2d(student_fn, *, seed=0, verbose=True):
+    """Check a student's :func:`conv2d` against ``npmnv3.kernels.conv2d``.
+
+    Parameters
+    ----------
+    student_fn : callable
+        ``student_fn(x, weight, bias, stride=, padding=, dilation=) -> y``, as :func:`conv2d`.
+    seed : int
+        Seed of the random inputs (the shapes and parameters of the 16 cases do not change).
+    verbose : bool
+        Print the verdict.
+
+    Returns
+    -------
+    result : CheckResult
+        Truthy when all cases pass; otherwise describes the first failing case.
+
+    Notes
+    -----
+    Cases: kernel 1x1, 3x3, 5x5 and 3x5; stride 1 and 2; dilation 1 and 2; padding 0, 1, 2 and 4;
+    odd, even and unequal H and W; batch 1 and 3; bias and bias=None; float64, then four in float32.
+    """
+    return _check("conv2d", student_fn, _conv2d_cases(seed), verbose, _conv_shape_hint)
+
+
+# N, C, H, W, (kh, kw), stride, padding, dilation, note
+_DW_CASES = [
+    (1, 1, 5, 5, (3, 3), 1, 0, 1, "the smallest: one channel, no padding"),
+    (1, 3, 7, 6, (3, 3), 1, 1, 1, "padding 1 keeps the size; H != W"),
+    (3, 2, 6, 7, (3, 3), 1, 2, 1, "padding wider than the kernel's half: output larger than input"),
+    (1, 4, 8, 7, (3, 3), 2, 1, 1, "stride 2 on an even height: padding on both sides"),
+    (3, 3, 9, 6, (5, 5), 1, 2, 1, "5x5 kernel, batch 3"),
+    (1, 2, 11, 8, (5, 5), 2, 2, 1, "5x5 kernel, stride 2"),
+    (1, 3, 7, 9, (3, 3), 1, 2, 2, "dilation 2"),
+    (3, 2, 11, 10, (5, 5), 2, 4, 2, "5x5, stride 2, dilation 2, batch 3"),
+    (3, 3, 6, 7, (3, 5), 1, 1, 1, "non-square 3x5 kernel"),
+]
+_DW_FLOAT32 = (1, 3, 7)
+
+
+def _depthwise_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for dtype, rows in ((np.float64, _DW_CASES), (np.float32, [_DW_CASES[i] for i in _DW_FLOAT32])):
+        for n, c, h, w, (kh, kw), stride, padding, dilation, note in rows:
+            x = rng.standard_normal((n, c, h, w))
+            weight = rng.standard_normal((c, 1, kh, kw))
+            kwargs = {"stride": stride, "padding": padding, "dilation": dilation}
+            cases.append(_make_case(note, [("x", x), ("weight", weight)], kwargs,
+                                    {**kwargs, "kernel": f"{kh}x{kw}"}, K.depthwise_conv2d, dtype))
+    return cases
+
+
+def check_depthwise_conv2d(student_fn, *, seed=0, verbose=True):
+    """Check a student's :func:`depthwise_conv2d` against ``npmnv3.kernels.depthwise_conv2d``.
+
+    Parameters
+    ----------
+    student_fn : callable
+        ``student_fn(x, weight, stride=, padding=, dilation=) -> y``, as :func:`depthwise_conv2d`.
+    seed : int
+        Seed of the random inputs (the shapes and parameters of the 12 cases do not change).
+    verbose : bool
+        Print the verdict.
+
+    Returns
+    -------
+    result : CheckResult
+        Truthy when all cases pass; otherwise describes the first failing case.
+
+    Notes
+    -----
+    Cases as for :func:`check_conv2d` (without 1x1 kernels and bias): kernel 3x3, 5x5 and 3x5;
+    stride 1 and 2; dilation 1 and 2; padding 0 to 4; batch 1 and 3; float64, then three in float32.
+    """
+    return _check("depthwise_conv2d", student_fn, _depthwise_cases(seed), verbose, _conv_shape_hint)
+
+
+# =========================================================================== batch norm
+
+_DEFAULT_EPS = 0.001
+
+# N, C, H, W, eps (None: not passed, the default must be 0.001), note
+_BN_CASES = [
+    (1, 3, 4, 5, None, "eps not passed: the default must be 0.001"),
+    (3, 4, 3, 5, None, "batch 3, eps not passed"),
+    (2, 5, 1, 1, 0.001, "1x1 maps, eps=0.001 passed"),
+    (1, 3, 5, 3, 0.01, "eps=0.01 passed: the argument must be used"),
+]
+_BN_FLOAT32 = ((3, 4, 5, 3, None, "batch 3, eps not passed"), (1, 3, 2, 7, 0.01, "eps=0.01 passed"))
+
+
+def _batch_norm_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for dtype, rows in ((np.float64, _BN_CASES), (np.float32, _BN_FLOAT32)):
+        for n, c, h, w, eps, note in rows:
+            mean = rng.normal(0.0, 2.0, c)
+            # variances from 1e-4 (well below eps: eps matters) up to ~5 (sqrt(var) != var)
+            var = 10.0 ** rng.uniform(-4.0, 0.7, c)
+            var[rng.integers(c)] = 1e-4
+            weight = rng.uniform(0.5, 1.5, c) * rng.choice((-1.0, 1.0), c)
+            bias = rng.normal(0.0, 1.0, c)
+            x = mean[:, None, None] + np.sqrt(var + 0.1)[:, None, None] * rng.standard_normal((n, c, h, w))
+            kwargs = {} if eps is None else {"eps": eps}
+            params = {"eps": "not passed (default 0.001)" if eps is None else eps}
+            args = [("x", x), ("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias)]
+            cases.append(_make_case(note, args, kwargs, params, K.batch_norm, dtype,
+                                    ref_kwargs={"eps": _DEFAULT_EPS if eps is None else eps}))
+    return cases
+
+
+def _explain_batch_norm(case, where, got):
+    c = where[1]
+    stats = ", ".join(f"{name}[{c}]={_fmt(case.arg(name)[c])}"
+                      for name in ("running_mean", "running_var", "weight", "bias"))
+    return [f"channel {c}: {stats}; x{list(where)}={_fmt(case.arg('x')[where])}"]
+
+
+def check_batch_norm(student_fn, *, seed=0, verbose=True):
+    """Check a student's :func:`batch_norm` against ``npmnv3.kernels.batch_norm``.
+
+    Parameters
+    ----------
+    student_fn : callable
+        ``student_fn(x, running_mean, running_var, weight, bias[, eps=]) -> y``, as :func:`batch_norm`.
+    seed : int
+        Seed of the random inputs and statistics (the shapes of the 6 cases do not change).
+    verbose : bool
+        Print the verdict.
+
+    Returns
+    -------
+    result : CheckResult
+        Truthy when all cases pass; otherwise describes the first failing case.
+
+    Notes
+    -----
+    Running variances range from 1e-4 to about 5, each case having one at 1e-4, so that eps
+    (0.001 vs 1e-5) and sqrt(var) vs var both change the result; means are non-zero, weights of
+    both signs, biases non-zero. Some cases do not pass ``eps`` (the default must be 0.001), some
+    pass it (it must be used).
+    """
+    return _check("batch_norm", student_fn, _batch_norm_cases(seed), verbose, explain=_explain_batch_norm)
+
+
+# =========================================================================== hard-swish
+
+# on and beside the kinks at -3 and 3, around 0 and the minimum at -1.5, far out on both sides
+_HS_SPECIAL = np.array([-3.0, 3.0, 0.0, -3.0 - 1e-6, -3.0 + 1e-6, 3.0 - 1e-6, 3.0 + 1e-6,
+                        -3.01, -2.99, 2.99, 3.01, -1.5, -1e-9, 1e-9, -1e-3, 1e-3, -6.0, 6.0,
+                        -100.0, 100.0])
+
+
+def _hard_swish_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    rows = [((1, 3, 5, 4), "the kinks -3 and 3 and values right beside them, 0, +-6, +-100"),
+            ((3, 2, 7, 5), "uniform in [-8, 8], batch 3"),
+            ((3, 17), "a 2-D input (N, features), as in the classifier")]
+    for dtype in (np.float64, np.float32):
+        for shape, note in rows:
+            x = rng.uniform(-8.0, 8.0, shape)
+            if "kinks" in note:
+                flat = x.reshape(-1)
+                flat[:len(_HS_SPECIAL)] = _HS_SPECIAL
+                rng.shuffle(flat)
+            cases.append(_make_case(note, [("x", x)], {}, {}, K.hard_swish, dtype))
+    return cases
+
+
+def _explain_hard_swish(case, where, got):
+    return [f"there x = {_fmt(case.arg('x')[where])}"]
+
+
+def check_hard_swish(student_fn, *, seed=0, verbose=True):
+    """Check a student's :func:`hard_swish` against ``npmnv3.kernels.hard_swish``.
+
+    Parameters
+    ----------
+    student_fn : callable
+        ``student_fn(x) -> y``, as :func:`hard_swish`.
+    seed : int
+        Seed of the random inputs (the 6 cases' shapes and special values do not change).
+    verbose : bool
+        Print the verdict.
+
+    Returns
+    -------
+    result : CheckResult
+        Truthy when all cases pass; otherwise describes the first failing case.
+
+    Notes
+    -----
+    Inputs include -3, 0 and 3 exactly, values 1e-6 and 0.01 either side of the kinks, the minimum
+    at -1.5, and +-6 and +-100 (where a missing cap at 6 shows); shapes NCHW and (N, features).
+    """
+    return _check("hard_swish", student_fn, _hard_swish_cases(seed), verbose, explain=_explain_hard_swish)
+
+
+# =========================================================================== squeeze-and-excite
+
+# N, C, H, W, S, note
+_SE_CASES = [
+    (1, 5, 4, 3, 3, "one image, S < C"),
+    (3, 6, 5, 5, 8, "batch 3: each image its own gate; S > C"),
+    (3, 8, 1, 1, 4, "1x1 maps"),
+    (1, 4, 7, 6, 2, "H != W"),
+]
+_SE_FLOAT32 = ((3, 6, 5, 4, 3, "batch 3"), (1, 5, 3, 3, 8, "S > C"))
+
+
+def _se_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for dtype, rows in ((np.float64, _SE_CASES), (np.float32, _SE_FLOAT32)):
+        for n, c, h, w, s, note in rows:
+            # channel means of a few units, so that fc1 gives both signs (relu matters) and fc2
+            # reaches past +-3 (hard_sigmoid saturates) as well as the linear part in between
+            x = rng.normal(0.0, 2.0, (n, c, 1, 1)) + rng.standard_normal((n, c, h, w))
+            fc1_weight = rng.normal(0.0, 1.0, (s, c, 1, 1))
+            fc1_bias = rng.normal(0.0, 1.0, s)
+            fc2_weight = rng.normal(0.0, 1.0, (c, s, 1, 1))
+            fc2_bias = rng.normal(0.0, 1.5, c)
+            args = [("x", x), ("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
+                    ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)]
+            cases.append(_make_case(note, args, {}, {"squeeze_channels": s}, K.squeeze_excite, dtype))
+    return cases
+
+
+def _explain_se(case, where, got):
+    args = [_float64(a) for _, a in case.args]
+    x = args[0]
+    s = K.global_avg_pool(x)
+    z = K.relu(K.linear(s, args[1][:, :, 0, 0], args[2]))
+    e = K.hard_sigmoid(K.linear(z, args[3][:, :, 0, 0], args[4]))
+    n, c = where[:2]
+    yours = f", your output / x = {_fmt(got[where] / x[where])}" if x[where] != 0 else ""
+    return [f"image {n}, channel {c}: x{list(where)} = {_fmt(x[where])}, channel mean s[{n}, {c}] = "
+            f"{_fmt(s[n, c])}, expected gate e[{n}, {c}] = {_fmt(e[n, c])}{yours}"]
+
+
+def check_squeeze_excite(student_fn, *, seed=0, verbose=True):
+    """Check a student's :func:`squeeze_excite` against ``npmnv3.kernels.squeeze_excite``.
+
+    Parameters
+    ----------
+    student_fn : callable
+        ``student_fn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> y``, as :func:`squeeze_excite`.
+    seed : int
+        Seed of the random inputs and weights (the shapes of the 6 cases do not change).
+    verbose : bool
+        Print the verdict.
+
+    Returns
+    -------
+    result : CheckResult
+        Truthy when all cases pass; otherwise describes the first failing case.
+
+    Notes
+    -----
+    S differs from C (both smaller and larger), biases are non-zero, and the inputs make some fc1
+    outputs negative (the ReLU matters) and some fc2 outputs fall beyond -3 and 3 (the
+    hard-sigmoid saturates) while others do not (hard vs logistic sigmoid differ there).
+    """
+    return _check("squeeze_excite", student_fn, _se_cases(seed), verbose, explain=_explain_se)

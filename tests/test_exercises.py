@@ -1,0 +1,541 @@
+"""The exercise checkers: they accept the reference kernels, report the stubs as not implemented, and
+reject the mistakes students make, each with a message that says which case failed and how."""
+
+import numpy as np
+import pytest
+
+from npmnv3 import exercises as ex
+from npmnv3 import kernels as K
+
+KERNELS = ("conv2d", "depthwise_conv2d", "batch_norm", "hard_swish", "squeeze_excite")
+
+
+def check(kernel, fn, **options):
+    return getattr(ex, "check_" + kernel)(fn, verbose=False, **options)
+
+
+def assert_fails(result, *fragments):
+    """The check failed, and its message holds every fragment."""
+    assert not result and result.passed is False
+    for fragment in fragments:
+        assert fragment in result.message, f"{fragment!r} not in:\n{result.message}"
+    return result
+
+
+# --------------------------------------------------------------------------- the references pass
+
+@pytest.mark.parametrize("variant", ("", "_naive"))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_reference_kernels_pass(kernel, variant, capsys):
+    result = getattr(ex, "check_" + kernel)(getattr(K, kernel + variant))
+    assert result and result.passed
+    assert result.case is None and result.max_error is None and result.where is None
+    assert result.n_cases >= 6
+    assert capsys.readouterr().out == f"check_{kernel}: all {result.n_cases} cases passed\n"
+
+
+@pytest.mark.parametrize("seed", (1, 2, 3))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_reference_kernels_pass_other_seeds(kernel, seed):
+    assert check(kernel, getattr(K, kernel), seed=seed)
+
+
+def test_cases_cover_what_the_issue_asks():
+    cases = ex._conv2d_cases(0)
+    assert {c.kwargs["stride"] for c in cases} == {1, 2}
+    assert {c.kwargs["dilation"] for c in cases} == {1, 2}
+    assert {c.arg("weight").shape[2] for c in cases} >= {1, 3, 5}
+    assert {c.arg("x").shape[0] for c in cases} == {1, 3}
+    assert {c.dtype.name for c in cases} == {"float64", "float32"}
+    assert any(c.arg("x").shape[2] % 2 == 1 and c.arg("x").shape[2] != c.arg("x").shape[3] for c in cases)
+    assert all(np.abs(c.arg("bias")).min() > 0 for c in cases if c.arg("bias") is not None)
+    for c in ex._batch_norm_cases(0):          # eps = 0.001 dominates some variance in every case
+        assert c.arg("running_var").min() < 1e-3 / 5
+    x = np.concatenate([c.arg("x").ravel() for c in ex._hard_swish_cases(0)])
+    for kink in (-3.0, 0.0, 3.0):
+        assert (x == kink).any() and ((x != kink) & (np.abs(x - kink) < 1e-5)).any()
+    for c in ex._se_cases(0):
+        assert c.arg("fc1_weight").shape[0] != c.arg("x").shape[1]
+
+
+# --------------------------------------------------------------------------- not implemented
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_stubs_are_not_implemented(kernel, capsys):
+    stub = getattr(ex, kernel)
+    with pytest.raises(NotImplementedError):
+        stub(*[np.zeros((1, 1, 1, 1))] * {"conv2d": 2, "depthwise_conv2d": 2, "batch_norm": 5,
+                                          "hard_swish": 1, "squeeze_excite": 5}[kernel])
+    result = getattr(ex, "check_" + kernel)(stub)
+    assert_fails(result, f"check_{kernel}: not implemented yet", "NotImplementedError")
+    assert result.case["number"] == 1 and result.max_error is None
+    assert "not implemented yet" in capsys.readouterr().out
+
+
+def test_student_cell_calling_the_stub_is_not_implemented():
+    def my_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
+        return ex.conv2d(x, weight, bias, stride, padding, dilation)
+    assert_fails(check("conv2d", my_conv2d), "not implemented yet", "my_conv2d raised NotImplementedError")
+
+
+# --------------------------------------------------------------------------- convolution mistakes
+
+def conv_padding_plus_one(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    return K.conv2d(x, weight, bias, stride, padding + 1, dilation)
+
+
+def conv_without_padding(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    return K.conv2d(x, weight, bias, stride, 0, dilation)
+
+
+def conv_padding_one_side(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    xp = np.pad(x, ((0, 0), (0, 0), (2 * padding, 0), (2 * padding, 0)))    # all of it top and left
+    return K.conv2d(xp, weight, bias, stride, 0, dilation)
+
+
+def conv_tf_same_padding(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """Pads only what the output size needs, the odd pixel at the bottom/right (TensorFlow's SAME)."""
+    pads = []
+    for axis in (2, 3):
+        k = weight.shape[axis]
+        out = K.conv_output_size(x.shape[axis], k, stride, padding, dilation)
+        total = max((out - 1) * stride + dilation * (k - 1) + 1 - x.shape[axis], 0)
+        pads.append((total // 2, total - total // 2))
+    return K.conv2d(np.pad(x, ((0, 0), (0, 0), *pads)), weight, bias, stride, 0, dilation)
+
+
+def conv_ignores_stride(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    return K.conv2d(x, weight, bias, 1, padding, dilation)
+
+
+def conv_ignores_dilation(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    return K.conv2d(x, weight, bias, stride, padding, 1)
+
+
+def conv_transposed_hw(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    return K.conv2d(x, weight, bias, stride, padding, dilation).swapaxes(2, 3)
+
+
+def conv_height_width_swapped(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    n, _, w, h = x.shape                                              # H and W unpacked the wrong way
+    o, _, kh, kw = weight.shape
+    y = weight.reshape(o, -1) @ K.im2col(x, kh, kw, stride, padding, dilation)
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.reshape(n, o, K.conv_output_size(h, kh, stride, padding, dilation),
+                     K.conv_output_size(w, kw, stride, padding, dilation))
+
+
+def conv_weight_reshaped_wrongly(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    cols = K.im2col(x, kh, kw, stride, padding, dilation)             # rows in (c, i, j) order
+    y = weight.transpose(0, 2, 3, 1).reshape(o, -1) @ cols             # weights in (i, j, c) order
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.reshape(n, o, K.conv_output_size(h, kh, stride, padding, dilation),
+                     K.conv_output_size(w, kw, stride, padding, dilation))
+
+
+def conv_without_bias(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    return K.conv2d(x, weight, None, stride, padding, dilation)
+
+
+def conv_bias_not_optional(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    return K.conv2d(x, weight, None, stride, padding, dilation) + bias[None, :, None, None]
+
+
+def conv_in_float64(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    bias = None if bias is None else bias.astype(np.float64)
+    return K.conv2d(x.astype(np.float64), weight.astype(np.float64), bias, stride, padding, dilation)
+
+
+def test_conv_padding_plus_one():
+    r = assert_fails(check("conv2d", conv_padding_plus_one), "FAILED on case 1 of 16", "padding=0",
+                     "x (1, 1, 5, 5), weight (1, 1, 3, 3), bias (1,)",
+                     "output shape: expected (1, 1, 3, 3), got (1, 1, 5, 5) -- the shapes differ",
+                     "H_out = (H + 2*padding - dilation*(kh - 1) - 1) // stride + 1 = (5 + 2*0 - 1*(3 - 1) - 1) // 1 + 1 = 3")
+    assert r.case["padding"] == 0 and r.case["shapes"]["x"] == (1, 1, 5, 5) and r.max_error is None
+
+
+def test_conv_without_padding():
+    assert_fails(check("conv2d", conv_without_padding), "case 2 of 16", "stride=1, padding=1, dilation=1",
+                 "expected (1, 4, 7, 6), got (1, 4, 5, 4) -- the shapes differ")
+
+
+def test_conv_padding_on_one_side_only():
+    r = assert_fails(check("conv2d", conv_padding_one_side), "case 2 of 16", "padding=1",
+                     "output shape: (1, 4, 7, 6), as expected", "max abs error", "at index")
+    assert r.max_error > 0.1 and r.where[0] == 0
+
+
+def test_conv_tensorflow_same_padding():
+    r = assert_fails(check("conv2d", conv_tf_same_padding), "stride=2, padding=1", "max abs error", "expected")
+    assert r.case["number"] == 4 and r.case["stride"] == 2
+
+
+def test_conv_ignores_stride():
+    r = assert_fails(check("conv2d", conv_ignores_stride), "case 4 of 16", "stride=2",
+                     "expected (1, 3, 4, 4), got (1, 3, 8, 7) -- the shapes differ", "// 2 + 1 = 4")
+    assert r.case["stride"] == 2
+
+
+def test_conv_ignores_dilation():
+    r = assert_fails(check("conv2d", conv_ignores_dilation), "case 7 of 16", "dilation=2",
+                     "expected (1, 3, 7, 9), got (1, 3, 9, 11)")
+    assert r.case["dilation"] == 2
+
+
+def test_conv_transposed_height_and_width():
+    # square output: the shape is right, the values are not
+    assert_fails(check("conv2d", conv_transposed_hw), "case 1 of 16", "max abs error", "output values are off")
+    # H and W swapped when unpacking x.shape: right for square inputs, then the shape is wrong
+    assert_fails(check("conv2d", conv_height_width_swapped), "case 2 of 16", "x (1, 3, 7, 6)",
+                 "expected (1, 4, 7, 6), got (1, 4, 6, 7) -- the shapes differ")
+
+
+def test_conv_weight_reshaped_in_the_wrong_order():
+    r = assert_fails(check("conv2d", conv_weight_reshaped_wrongly), "case 2 of 16",
+                     "weight (4, 3, 3, 3)", "max abs error", "at index (0, ", "expected", "got")
+    assert r.max_error > 0.1 and len(r.where) == 4
+
+
+def test_conv_missing_bias():
+    r = assert_fails(check("conv2d", conv_without_bias), "case 1 of 16", "bias (1,)", "max abs error",
+                     "of 9 output values are off")
+    assert np.isclose(r.max_error, abs(ex._conv2d_cases(0)[0].arg("bias")[0]))
+
+
+def test_conv_crashing_on_bias_none_reports_the_exception():
+    r = assert_fails(check("conv2d", conv_bias_not_optional), "case 12 of 16", "bias None",
+                     "call:    conv_bias_not_optional(x, weight, None, stride=2, padding=1, dilation=1)",
+                     "raised TypeError", "raised at", "bias[None, :, None, None]")
+    assert r.case["shapes"]["bias"] is None
+
+
+def test_conv_wrong_dtype():
+    r = assert_fails(check("conv2d", conv_in_float64), "case 13 of 16", "dtype=float32",
+                     "output dtype: expected float32 (the dtype of x), got float64 -- wrong dtype")
+    assert r.case["dtype"] == "float32"
+
+
+# --------------------------------------------------------------------------- depthwise mistakes
+
+def dw_ignores_stride(x, weight, stride=1, padding=0, dilation=1):
+    return K.depthwise_conv2d(x, weight, 1, padding, dilation)
+
+
+def dw_ignores_dilation(x, weight, stride=1, padding=0, dilation=1):
+    return K.depthwise_conv2d(x, weight, stride, padding, 1)
+
+
+def dw_first_kernel_for_every_channel(x, weight, stride=1, padding=0, dilation=1):
+    return K.depthwise_conv2d(x, np.repeat(weight[:1], len(weight), axis=0), stride, padding, dilation)
+
+
+def dw_weight_index_swapped(x, weight, stride=1, padding=0, dilation=1):
+    out = [K.conv2d(x[:, c:c + 1], weight[0, c][None, None], None, stride, padding, dilation)
+           for c in range(x.shape[1])]
+    return np.concatenate(out, axis=1)
+
+
+def test_depthwise_ignores_stride():
+    assert_fails(check("depthwise_conv2d", dw_ignores_stride), "case 4 of 12", "stride=2",
+                 "expected (1, 4, 4, 4), got (1, 4, 8, 7) -- the shapes differ", "W_out")
+
+
+def test_depthwise_ignores_dilation():
+    assert_fails(check("depthwise_conv2d", dw_ignores_dilation), "case 7 of 12", "dilation=2", "shapes differ")
+
+
+def test_depthwise_one_kernel_for_all_channels():
+    r = assert_fails(check("depthwise_conv2d", dw_first_kernel_for_every_channel), "case 2 of 12",
+                     "weight (3, 1, 3, 3)", "max abs error", "at index (0, ")
+    assert r.where[1] > 0                                  # channel 0 is right, the others are not
+
+
+def test_depthwise_weight_indexed_wrongly():
+    assert_fails(check("depthwise_conv2d", dw_weight_index_swapped), "case 2 of 12",
+                 "raised IndexError: index 1 is out of bounds", "weight[0, c][None, None]")
+
+
+# --------------------------------------------------------------------------- batch-norm mistakes
+
+def bn_eps_1e5(x, running_mean, running_var, weight, bias, eps=1e-5):
+    return K.batch_norm(x, running_mean, running_var, weight, bias, eps)
+
+
+def bn_eps_hardcoded(x, running_mean, running_var, weight, bias, eps=0.001):
+    return K.batch_norm(x, running_mean, running_var, weight, bias, 0.001)
+
+
+def bn_var_not_sqrt(x, running_mean, running_var, weight, bias, eps=0.001):
+    c = (1, -1, 1, 1)
+    return ((x - running_mean.reshape(c)) / (running_var.reshape(c) + eps) * weight.reshape(c)
+            + bias.reshape(c))
+
+
+def bn_stats_on_last_axis(x, running_mean, running_var, weight, bias, eps=0.001):
+    return (x - running_mean) / np.sqrt(running_var + eps) * weight + bias
+
+
+def bn_in_place(x, running_mean, running_var, weight, bias, eps=0.001):
+    c = (1, -1, 1, 1)
+    x -= running_mean.reshape(c)
+    x /= np.sqrt(running_var.reshape(c) + eps)
+    x *= weight.reshape(c)
+    x += bias.reshape(c)
+    return x
+
+
+def test_batch_norm_wrong_default_eps():
+    r = assert_fails(check("batch_norm", bn_eps_1e5), "case 1 of 6", "eps=not passed (default 0.001)",
+                     "max abs error", "at index", "running_var[")
+    assert r.case["eps"].startswith("not passed")
+    channel = r.where[1]
+    assert ex._batch_norm_cases(0)[0].arg("running_var")[channel] < 1e-3   # where eps matters
+
+
+def test_batch_norm_ignores_the_eps_argument():
+    r = assert_fails(check("batch_norm", bn_eps_hardcoded), "case 4 of 6", "eps=0.01", "max abs error")
+    assert r.case["eps"] == 0.01
+
+
+def test_batch_norm_var_instead_of_sqrt_var():
+    assert_fails(check("batch_norm", bn_var_not_sqrt), "case 1 of 6", "max abs error", "expected", "got",
+                 "x (1, 3, 4, 5), running_mean (3,), running_var (3,), weight (3,), bias (3,)")
+
+
+def test_batch_norm_statistics_broadcast_on_the_wrong_axis():
+    assert_fails(check("batch_norm", bn_stats_on_last_axis), "case 1 of 6", "raised ValueError",
+                 "broadcast", "x (1, 3, 4, 5)")
+
+
+def test_batch_norm_in_place():
+    r = assert_fails(check("batch_norm", bn_in_place), "case 1 of 6",
+                     "bn_in_place modified its input `x` in place", "largest change", "not `x -= m`")
+    assert len(r.where) == 4 and r.max_error is None
+
+
+# --------------------------------------------------------------------------- hard-swish mistakes
+
+def hs_no_cap(x):
+    return x * np.maximum(x + 3, 0) / 6
+
+
+def hs_swish(x):
+    return x / (1 + np.exp(-x))
+
+
+def hs_in_place(x):
+    x *= np.clip(x + 3, 0, 6) / 6
+    return x
+
+
+def hs_float64_constant(x):
+    return x * np.clip(x + 3, 0, 6) / np.float64(6)
+
+
+def hs_no_return(x):
+    x * np.clip(x + 3, 0, 6) / 6
+
+
+def hs_list(x):
+    return (x * np.clip(x + 3, 0, 6) / 6).tolist()
+
+
+def hs_nan_at_kink(x):
+    return x * np.clip(x + 3, 0, 6) / (x + 3) * (x + 3) / 6
+
+
+def test_hard_swish_without_the_cap_at_6():
+    r = assert_fails(check("hard_swish", hs_no_cap), "case 1 of 6", "x (1, 3, 5, 4)", "dtype=float64",
+                     "max abs error", "there x = 100", "expected 100, got 1716.66666")
+    assert r.max_error > 1000
+
+
+def test_hard_swish_is_not_swish():
+    assert_fails(check("hard_swish", hs_swish), "case 1 of 6", "max abs error", "there x = ")
+
+
+def test_hard_swish_in_place():
+    assert_fails(check("hard_swish", hs_in_place), "modified its input `x` in place")
+
+
+def test_hard_swish_wrong_dtype():
+    r = assert_fails(check("hard_swish", hs_float64_constant), "case 4 of 6", "dtype=float32",
+                     "expected float32", "got float64", "wrong dtype")
+    assert r.case["number"] == 4
+
+
+def test_hard_swish_returns_none_or_list():
+    assert_fails(check("hard_swish", hs_no_return), "case 1 of 6", "returned None", "missing `return`")
+    assert_fails(check("hard_swish", hs_list), "returned a builtins.list, not a numpy array")
+
+
+def test_hard_swish_nan():
+    with np.errstate(invalid="ignore"):
+        r = assert_fails(check("hard_swish", hs_nan_at_kink), "max abs error inf", "expected 0, got nan",
+                         "there x = -3")
+    assert r.max_error == float("inf")
+
+
+# --------------------------------------------------------------------------- squeeze-excite mistakes
+
+def _gate(s, w1, b1, w2, b2, relu=True, gate=K.hard_sigmoid):
+    z = s @ w1[:, :, 0, 0].T + b1
+    if relu:
+        z = np.maximum(z, 0)
+    return gate(z @ w2[:, :, 0, 0].T + b2)
+
+
+def se_sigmoid(x, w1, b1, w2, b2):
+    return x * _gate(x.mean(axis=(2, 3)), w1, b1, w2, b2, gate=lambda t: 1 / (1 + np.exp(-t)))[:, :, None, None]
+
+
+def se_no_relu(x, w1, b1, w2, b2):
+    return x * _gate(x.mean(axis=(2, 3)), w1, b1, w2, b2, relu=False)[:, :, None, None]
+
+
+def se_no_biases(x, w1, b1, w2, b2):
+    return x * _gate(x.mean(axis=(2, 3)), w1, 0 * b1, w2, 0 * b2)[:, :, None, None]
+
+
+def se_mean_over_the_batch_too(x, w1, b1, w2, b2):
+    s = np.broadcast_to(x.mean(axis=(0, 2, 3)), x.shape[:2])
+    return x * _gate(s, w1, b1, w2, b2)[:, :, None, None]
+
+
+def se_weights_not_transposed(x, w1, b1, w2, b2):
+    z = np.maximum(x.mean(axis=(2, 3)) @ w1[:, :, 0, 0] + b1, 0)
+    return x * K.hard_sigmoid(z @ w2[:, :, 0, 0] + b2)[:, :, None, None]
+
+
+@pytest.mark.parametrize("mistake", (se_sigmoid, se_no_relu, se_no_biases))
+def test_squeeze_excite_formula_mistakes(mistake):
+    r = assert_fails(check("squeeze_excite", mistake), "max abs error", "at index", "expected gate e[", "your output / x = ",
+                     "fc1_weight (", "squeeze_channels=")
+    assert r.max_error > 1e-3
+
+
+def test_squeeze_excite_gate_shared_across_the_batch():
+    assert_fails(check("squeeze_excite", se_mean_over_the_batch_too), "case 2 of 6", "x (3, 6, 5, 5)",
+                 "max abs error")
+
+
+def test_squeeze_excite_weight_not_transposed():
+    assert_fails(check("squeeze_excite", se_weights_not_transposed), "case 1 of 6", "raised ValueError",
+                 "fc1_weight (3, 5, 1, 1)")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_subtle_mistakes_are_caught_whatever_the_seed(seed):
+    for kernel, mistake in (("squeeze_excite", se_sigmoid), ("squeeze_excite", se_no_relu),
+                            ("squeeze_excite", se_no_biases), ("batch_norm", bn_eps_1e5),
+                            ("batch_norm", bn_var_not_sqrt), ("hard_swish", hs_swish),
+                            ("conv2d", conv_without_bias), ("conv2d", conv_weight_reshaped_wrongly)):
+        assert not check(kernel, mistake, seed=seed), (kernel, mistake.__name__, seed)
+
+
+# --------------------------------------------------------------------------- not fooled, robust
+
+def test_not_fooled_by_changing_the_inputs():
+    """Zeroing x in place and returning the convolution of zeros would pass a checker that computed
+    the expected output from the same arrays after the call; this one compares with copies."""
+    def sneaky(x, weight, bias=None, stride=1, padding=0, dilation=1):
+        x[...] = 0
+        return K.conv2d(x, weight, bias, stride, padding, dilation)
+    r = assert_fails(check("conv2d", sneaky), "case 1 of 16", "modified its input `x` in place")
+    assert r.where is not None
+
+    def sneaky_weight(x, weight, bias=None, stride=1, padding=0, dilation=1):
+        weight *= 2
+        return K.conv2d(x, weight / 2, bias, stride, padding, dilation)
+    assert_fails(check("conv2d", sneaky_weight), "modified its input `weight` in place")
+
+
+def test_checker_needs_a_function():
+    x = np.ones((1, 1, 3, 3))
+    assert_fails(check("hard_swish", K.hard_swish(x)), "expected a function, got a ndarray",
+                 "check_hard_swish(my_hard_swish)")
+
+
+def test_failure_is_printed_when_verbose(capsys):
+    result = ex.check_hard_swish(hs_no_cap)
+    assert capsys.readouterr().out == result.message + "\n"
+    assert str(result) == result.message
+    assert repr(result).startswith("CheckResult('hard_swish': failed on case 1 of 6, max_error=")
+    ex.check_hard_swish(hs_no_cap, verbose=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_result_reports_the_case():
+    r = check("conv2d", conv_ignores_stride)
+    assert r.kernel == "conv2d" and r.n_cases == 16
+    assert r.case == {"number": 4, "note": r.case["note"],
+                      "call": "conv_ignores_stride(x, weight, bias, stride=2, padding=1, dilation=1)",
+                      "stride": 2, "padding": 1, "dilation": 1, "kernel": "3x3", "dtype": "float64",
+                      "shapes": {"x": (1, 2, 8, 7), "weight": (3, 2, 3, 3), "bias": (3,)}}
+
+
+# --------------------------------------------------------------------------- other correct solutions pass
+
+def einsum_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    o, _, kh, kw = weight.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (dilation * (kh - 1) + 1, dilation * (kw - 1) + 1),
+                                                   axis=(2, 3))[:, :, ::stride, ::stride, ::dilation, ::dilation]
+    y = np.einsum("nchwij,ocij->nohw", win, weight)
+    return y if bias is None else y + bias[None, :, None, None]
+
+
+def einsum_depthwise(x, weight, stride=1, padding=0, dilation=1):
+    kh, kw = weight.shape[2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (dilation * (kh - 1) + 1, dilation * (kw - 1) + 1),
+                                                   axis=(2, 3))[:, :, ::stride, ::stride, ::dilation, ::dilation]
+    return np.einsum("nchwij,cij->nchw", win, weight[:, 0])
+
+
+def loop_batch_norm(x, running_mean, running_var, weight, bias, eps=0.001):
+    y = np.empty_like(x)
+    for c in range(x.shape[1]):
+        y[:, c] = weight[c] * (x[:, c] - running_mean[c]) / np.sqrt(running_var[c] + eps) + bias[c]
+    return y
+
+
+def where_hard_swish(x):
+    return np.where(x <= -3, 0, np.where(x >= 3, x, x * (x + 3) / 6)).astype(x.dtype)
+
+
+def per_image_se(x, w1, b1, w2, b2):
+    out = []
+    for image in x:
+        s = image.mean(axis=(1, 2))
+        z = np.maximum(w1[:, :, 0, 0] @ s + b1, 0)
+        e = np.minimum(np.maximum(w2[:, :, 0, 0] @ z + b2 + 3, 0), 6) / 6
+        out.append(image * e[:, None, None])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("kernel,fn", [("conv2d", einsum_conv2d), ("depthwise_conv2d", einsum_depthwise),
+                                       ("batch_norm", loop_batch_norm), ("hard_swish", where_hard_swish),
+                                       ("squeeze_excite", per_image_se)])
+def test_other_correct_solutions_pass(kernel, fn):
+    result = check(kernel, fn)
+    assert result, result.message
+
+
+# --------------------------------------------------------------------------- the notebook
+
+def test_exercise_notebook_is_stored_clean_and_checks_every_kernel():
+    import json
+    from pathlib import Path
+    nb = json.loads((Path(__file__).parents[1] / "notebooks" / "07_exercises.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    source = "\n".join("".join(c["source"]) for c in code)
+    for kernel in KERNELS:
+        assert f"check_{kernel}(my_{kernel})" in source
+        assert f"ex.{kernel}(" in source                     # the student's cell starts on the stub
+    assert "npmnv3/kernels.py" in "".join("".join(c["source"]) for c in nb["cells"])
