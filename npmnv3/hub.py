@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
 from .errors import DownloadError
+from .serialization import fsync_folder
 
 __all__ = ["DEFAULT_BASE_URL", "cache_dir", "torch_hub_dir", "fetch"]
 
@@ -312,20 +313,6 @@ def _remove_stale_temps(folder: Path, filename: str) -> None:
         pass
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Best effort: make the rename durable (POSIX only)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _download(target: _Target, timeout: float, progress: ProgressArg) -> None:
     """Download ``target`` to a temp file beside ``target.path``, then move it there."""
     scheme = urllib.parse.urlsplit(target.url).scheme.lower()
@@ -357,7 +344,7 @@ def _download(target: _Target, timeout: float, progress: ProgressArg) -> None:
     finally:
         if isinstance(report, _TerminalBar):
             report.close()
-    _fsync_dir(folder)
+    fsync_folder(folder)
 
 
 def _remove_quietly(path: str) -> None:

@@ -88,7 +88,7 @@ def save_state_dict(state_dict, path, metadata=None) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def _prepare_arrays(state_dict) -> dict[str, np.ndarray]:
@@ -138,8 +138,8 @@ def _mode_for(target: str) -> int:
     return 0o666 & ~umask
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
+def fsync_folder(folder) -> None:
+    """Make a rename inside ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
