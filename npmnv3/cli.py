@@ -43,6 +43,8 @@ def build_parser():
     _add_model_arguments(p)
     p.add_argument("--topk", type=int, default=5, help="predictions per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--exif-transpose", action="store_true",
+                   help="rotate images as their EXIF orientation says (torchvision does not)")
     p.set_defaults(run=run_predict)
 
     p = commands.add_parser("summary", help="per-layer table: output shape, params, MACs",
@@ -65,7 +67,7 @@ def build_parser():
 def run_predict(args):
     images = args.images or [sample_image()]
     results = npmnv3.predict(images, model=args.arch, weights=args.weights, topk=args.topk,
-                             offline=args.offline or None)
+                             exif_transpose=args.exif_transpose, offline=args.offline or None)
     if args.json:
         print(json.dumps([dict(image=str(img), predictions=preds) for img, preds in zip(images, results)],
                          indent=2))

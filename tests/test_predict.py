@@ -224,3 +224,22 @@ def test_installed_script_exists():
     import shutil
     script = shutil.which("npmnv3", path=os.path.dirname(sys.executable))
     assert script is not None, "the npmnv3 console script is not installed next to python"
+
+
+def test_exif_transpose_option_reaches_preprocessing(small_pth, tmp_path, capsys):
+    path = small_pth[0]
+    image = photo(9, (320, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6                    # orientation: rotate 90 degrees to display
+    image.save(tmp_path / "r.jpg", exif=exif.tobytes())
+    model = npmnv3.mobilenet_v3_small(weights=path)
+    from PIL import ImageOps
+    upright = npmnv3.predict(ImageOps.exif_transpose(Image.open(tmp_path / "r.jpg")), model=model, topk=5)
+    as_stored = npmnv3.predict(Image.open(tmp_path / "r.jpg"), model=model, topk=5)
+    rotated = npmnv3.predict(tmp_path / "r.jpg", model=model, topk=5, exif_transpose=True)
+    assert [p["index"] for p in rotated] != [p["index"] for p in as_stored]
+    assert rotated == upright
+    assert main(["predict", str(tmp_path / "r.jpg"), "--arch", "mobilenet_v3_small", "--weights", str(path),
+                 "--json", "--exif-transpose"]) == 0
+    cli = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert [p["index"] for p in cli] == [p["index"] for p in rotated]
