@@ -218,6 +218,19 @@ def _bias_act(y_rows, bias_row, act, y, tmp, out):
         np.copyto(out, y)
 
 
+def _bias_act_split(y_rows, bias_row, act, y, tmp, targets):
+    """Like ``_bias_act``, the result scattered to several outputs: [(y part, tmp part, out)]."""
+    y_rows += bias_row
+    if act == "HS":
+        np.add(y, 3, out=tmp)
+        np.clip(tmp, 0, 6, out=tmp)
+        for y_part, t_part, out in targets:
+            np.multiply(y_part, t_part, out=out)
+    else:
+        for y_part, _, out in targets:
+            np.clip(y_part, 0, BIG, out=out)
+
+
 # --------------------------------------------------------------------------- plan (per input shape)
 
 class _Arena:
@@ -231,9 +244,9 @@ class _Arena:
 
     def get(self, role, shape):
         size = int(np.prod(shape))
-        if self.dry:
+        if self.dry:    # a stand-in that allocates nothing; the dry plan is never run
             self.sizes[role] = max(self.sizes.get(role, 0), size)
-            return np.empty(shape, self.dtype)          # never touched: no memory committed
+            return np.broadcast_to(np.zeros((), self.dtype), shape)
         return self.flat[role][:size].reshape(shape)
 
 
@@ -249,7 +262,7 @@ def _zero_border(xp, p):
     top_bottom = as_strided(xp, (n, 2, p * row), (xp.strides[0], (hp - p) * row * isz, isz))
     # the right border of row r and the left border of row r + 1 are adjacent in memory
     start = ((p - 1) * row + (wp - p) * c)
-    sides = as_strided(xp.reshape(-1)[start:] if xp.flags.c_contiguous else None,
+    sides = as_strided(xp.reshape(-1)[start:],
                        (n, hp - 2 * p + 1, 2 * p * c), (xp.strides[0], row * isz, isz))
     return [partial(np.copyto, top_bottom, 0), partial(np.copyto, sides, 0)]
 
@@ -275,26 +288,50 @@ def _strided_einsum(xp, w, ho, wo, stride, out4):
     return [partial(np.einsum, "nhijwc,ijwc->nhwc", view, wt, out=out4)]
 
 
-def _phase_einsum(xp, w, ho, wo, arena, out_rows):
-    """Stride-2 depthwise via the four space-to-depth phase planes of the padded input."""
-    n, hp, wp, c = xp.shape
+def _phase_planes(arena, key, n, h, w, c, pad):
+    """The four space-to-depth phase planes of the zero-padded (n, h + 2 pad, w + 2 pad, c) map.
+
+    Plane (a, b) holds padded rows a, a + 2, ... and columns b, b + 2, ...; its own buffer (role
+    ``key``), so its zero border is written once. Returns (planes, parts) where parts lists, per
+    plane, the (row slice, column slice) of the unpadded map that lands in the plane's interior and
+    that interior's view: writing them all is the same as padding then splitting, without the copies.
+    """
+    hp, wp = h + 2 * pad, w + 2 * pad
+    planes, parts = {}, []
+    for a in range(2):
+        for b in range(2):
+            plane = arena.get(f"{key}.phase{a}{b}", (n, (hp - a + 1) // 2, (wp - b + 1) // 2, c))
+            if not arena.dry:
+                plane[...] = 0
+            planes[a, b] = plane
+            h0, w0 = (a - pad) % 2, (b - pad) % 2          # first source row / column in this plane
+            rows, cols = len(range(h0, h, 2)), len(range(w0, w, 2))
+            m0, q0 = (h0 + pad) // 2, (w0 + pad) // 2
+            if rows and cols:
+                parts.append(((slice(h0, None, 2), slice(w0, None, 2)),
+                              plane[:, m0:m0 + rows, q0:q0 + cols]))
+    return planes, parts
+
+
+def _phase_einsum(planes, w, ho, wo, arena, out_rows):
+    """Stride-2 depthwise from the four phase planes: tap (i, j) reads plane (i % 2, j % 2) at
+    offset (i // 2, j // 2) with stride 1, so each plane is one rows-einsum; the four are summed."""
     k = w.shape[0]
     steps, first = [], True
     tmp = arena.get("dw_phase_tmp", out_rows.shape)
-    for a in range(2):
-        for b in range(2):
-            ka, kb = (k - a + 1) // 2, (k - b + 1) // 2
-            plane = arena.get(f"phase{a}{b}", (n, (hp - a + 1) // 2, (wp - b + 1) // 2, c))
-            steps.append(partial(np.copyto, plane, xp[:, a::2, b::2, :]))
-            isz, row = plane.itemsize, plane.shape[2] * c * plane.itemsize
-            view = as_strided(plane, (n, ho, ka, kb, wo * c), (plane.strides[0], row, row, c * isz, isz))
-            wt = np.ascontiguousarray(np.tile(w[a::2, b::2].reshape(ka, kb, 1, c), (1, 1, wo, 1))
-                                      .reshape(ka, kb, wo * c))
-            target = out_rows if first else tmp
-            steps.append(partial(np.einsum, "nhijx,ijx->nhx", view, wt, out=target))
-            if not first:
-                steps.append(partial(np.add, out_rows, tmp, out=out_rows))
-            first = False
+    for (a, b), plane in planes.items():
+        n, _, pw, c = plane.shape
+        ka, kb = (k - a + 1) // 2, (k - b + 1) // 2
+        isz = plane.itemsize
+        row = pw * c * isz
+        view = as_strided(plane, (n, ho, ka, kb, wo * c), (plane.strides[0], row, row, c * isz, isz))
+        wt = np.ascontiguousarray(np.tile(w[a::2, b::2].reshape(ka, kb, 1, c), (1, 1, wo, 1))
+                                  .reshape(ka, kb, wo * c))
+        target = out_rows if first else tmp
+        steps.append(partial(np.einsum, "nhijx,ijx->nhx", view, wt, out=target))
+        if not first:
+            steps.append(partial(np.add, out_rows, tmp, out=out_rows))
+        first = False
     return steps
 
 
@@ -333,10 +370,13 @@ class _Plan:
 
         # ---- stem: zero-padded NCHW copy, im2col with a row of ones, one matmul, hard-swish
         stem = engine.stem
-        self.xpad = xpad = np.zeros((n, 3, h + 2, w + 2), dt)
+        xpad = arena.get("stem_pad", (n, 3, h + 2, w + 2))      # roles used by the stem only:
         self.x_interior = xpad[:, :, 1:-1, 1:-1]
         h1, w1 = conv_output_size(h, 3, 2, 1), conv_output_size(w, 3, 2, 1)
-        cols = np.ones((28, n * h1 * w1), dt)
+        cols = arena.get("stem_cols", (28, n * h1 * w1))
+        if not arena.dry:                                       # their constant parts are set once
+            xpad[...] = 0
+            cols[27] = 1
         s = xpad.strides
         window = as_strided(xpad, (3, 3, 3, n, h1, w1), (s[1], s[2], s[3], s[0], 2 * s[2], 2 * s[3]))
         add([partial(np.copyto, cols[:27].reshape(3, 3, 3, n, h1, w1), window)])
@@ -381,27 +421,34 @@ class _Plan:
         ho = conv_output_size(h, k, stride, pad, dil)
         wo = conv_output_size(w, k, stride, pad, dil)
 
-        # 1x1 expand -> BN -> act, written straight into the interior of the padded buffer
-        xp = arena.get("pad", (n, hp, wp, e))
-        interior = xp[:, pad:pad + h, pad:pad + w, :]
-        add(_zero_border(xp, pad))
+        # 1x1 expand -> BN -> act, written straight into the depthwise conv's zero-padded input:
+        # one padded buffer, or for stride 2 on large maps its four phase planes
+        use_phases = stride == 2 and wo >= 16
+        if use_phases:
+            planes, parts = _phase_planes(arena, f"block{len(self.stages)}", n, h, w, e, pad)
+        else:
+            xp = arena.get("pad", (n, hp, wp, e))
+            parts = [((slice(None), slice(None)), xp[:, pad:pad + h, pad:pad + w, :])]
+            add(_zero_border(xp, pad))          # the buffer is shared with other layers
         if blk["expand"] is not None:
             we, be = blk["expand"]
             y = arena.get("exp", (n, h, w, e))
             t = arena.get("tmp", y.shape)
+            targets = [(y[:, hs, ws], t[:, hs, ws], out) for (hs, ws), out in parts]
             add([partial(np.matmul, x.reshape(-1, x.shape[-1]), we, out=y.reshape(-1, e)),
-                 partial(_bias_act, y.reshape(n * h, w * e), _tile_row(be, w), blk["act"], y, t, interior)])
+                 partial(_bias_act_split, y.reshape(n * h, w * e), _tile_row(be, w), blk["act"], y, t,
+                         targets)])
         else:
-            add([partial(np.copyto, interior, x)])
+            add([partial(np.copyto, out, x[:, hs, ws]) for (hs, ws), out in parts])
 
         # depthwise kxk -> BN -> act (in place)
         wd, bd = blk["dw"]
         d = arena.get("dw", (n, ho, wo, e))
         d_rows = d.reshape(n * ho, wo * e)
-        if stride == 1:
+        if use_phases:
+            add(_phase_einsum(planes, wd, ho, wo, arena, d.reshape(n, ho, wo * e)))
+        elif stride == 1:
             add(_rows_einsum(xp, wd, ho, wo, dil, d.reshape(n, ho, wo * e)))
-        elif wo >= 16:
-            add(_phase_einsum(xp, wd, ho, wo, arena, d.reshape(n, ho, wo * e)))
         else:
             add(_strided_einsum(xp, wd, ho, wo, stride, d))
         t = arena.get("tmp", d.shape)
@@ -488,18 +535,18 @@ class FastEngine:
         logits = np.empty((n, self.num_classes), self.dtype)
         chunks = self._chunks(n)
         parts = [OrderedDict() if return_intermediates else None for _ in chunks]
-        if len(chunks) == 1:
-            self._run_chunk(x, logits, parts[0])
-        else:
-            previous = _BLAS.get()
-            _BLAS.set(1)        # one BLAS thread per task: the tasks themselves use the cores
-            try:
+        previous = _BLAS.get()
+        _BLAS.set(1)        # see the module docstring: BLAS's own threads cost more than they gain
+        try:
+            if len(chunks) == 1:
+                self._run_chunk(x, logits, parts[0])
+            else:
                 futures = [_pool().submit(self._run_chunk, x[a:b], logits[a:b], part)
                            for (a, b), part in zip(chunks, parts)]
                 for f in futures:
                     f.result()
-            finally:
-                _BLAS.set(previous)
+        finally:
+            _BLAS.set(previous)
         if not return_intermediates:
             return logits
         if len(parts) == 1:
