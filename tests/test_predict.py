@@ -243,3 +243,14 @@ def test_exif_transpose_option_reaches_preprocessing(small_pth, tmp_path, capsys
                  "--json", "--exif-transpose"]) == 0
     cli = json.loads(capsys.readouterr().out)[0]["predictions"]
     assert [p["index"] for p in cli] == [p["index"] for p in rotated]
+
+
+def test_evaluate_progress_bar_goes_to_stderr(small_pth, tmp_path, capsys):
+    make_folder(tmp_path / "val", None)
+    model = npmnv3.mobilenet_v3_small(weights=small_pth[0])
+    npmnv3.evaluate(tmp_path / "val", model=model, batch_size=4, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.endswith("] 6/6 images\n") and "\r[" in captured.err and "4/6 images" in captured.err
+    npmnv3.evaluate(tmp_path / "val", model=model, batch_size=4)       # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
