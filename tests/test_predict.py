@@ -130,7 +130,7 @@ def test_custom_classes_and_fine_tuned_files(tmp_path):
 
 # --------------------------------------------------------------------------- evaluate
 
-def make_folder(root, torch_model):
+def make_folder(root):
     """Two classes, one named by WordNet ID and one by name; labels chosen so accuracy is not trivial."""
     truth = {}
     for sub, label in (("n01440764", 0), ("goldfish", 1)):
@@ -145,7 +145,7 @@ def make_folder(root, torch_model):
 
 def test_evaluate_matches_torchvision(small_pth, tmp_path):
     path, torch_model = small_pth
-    truth = make_folder(tmp_path / "val", torch_model)
+    truth = make_folder(tmp_path / "val")
     model = npmnv3.mobilenet_v3_small(weights=path)
     result = npmnv3.evaluate(tmp_path / "val", model=model, batch_size=4, progress=False)
     c1 = c5 = 0
@@ -246,7 +246,7 @@ def test_exif_transpose_option_reaches_preprocessing(small_pth, tmp_path, capsys
 
 
 def test_evaluate_progress_bar_goes_to_stderr(small_pth, tmp_path, capsys):
-    make_folder(tmp_path / "val", None)
+    make_folder(tmp_path / "val")
     model = npmnv3.mobilenet_v3_small(weights=small_pth[0])
     npmnv3.evaluate(tmp_path / "val", model=model, batch_size=4, progress=True)
     captured = capsys.readouterr()
