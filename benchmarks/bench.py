@@ -4,8 +4,13 @@
 
 Each case (architecture x batch size, 224x224, random weights) loads the *same* weights into both
 models (npmnv3 from torchvision's state_dict as NumPy arrays), checks that the logits agree, then
-times the systems interleaved in one process (round r times npmnv3, torch, ORT in turn), so that
-the machine's noise hits them alike: only ratios from one run mean anything.
+times npmnv3 and torch interleaved in one process (round r times npmnv3, then torch), so that the
+machine's noise hits them alike: only ratios from one run mean anything. In every round each system
+first runs untimed for ``--settle-ms`` (50): torch's OpenMP workers keep spinning after each call
+(libgomp's spin count, long on this CPU), and without the settle calls they took the second core from
+npmnv3's timed call at N == 1 (which uses two threads; measured after a torch call: 19, 13, then 9 ms).
+ONNX Runtime, when installed, is timed after them in its own rounds (its idle threads spin for
+> 50 ms after each run), from a model exported in a child process (see ``ort_session``).
 
 Reported per case: median ms per image (min-max over the repeats), the ratio npmnv3 / torch eager
 of the medians, and npmnv3's peak memory measured with ``tracemalloc`` (NumPy reports its buffers
@@ -17,6 +22,7 @@ call (temporaries only). Then the time to build Large from an ``.npz``: ``np.loa
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,21 +57,37 @@ def torch_model(arch, seed=0):
     return model
 
 
-def ort_session(model, x):
-    """An ONNX Runtime session for ``model``, or None when onnxruntime (or the exporter) is missing."""
+def export_onnx(arch, path, batch):
+    """Write torch_model(arch) (the same weights: fixed seed) as ONNX to ``path`` (run in a child process)."""
+    import torch
+    model = torch_model(arch)
+    x = torch.zeros((batch, 3, 224, 224))
+    args = dict(input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}})
+    try:    # the TorchScript exporter needs only `onnx` (the default dynamo one also `onnxscript`)
+        torch.onnx.export(model, x, path, dynamo=False, **args)
+    except TypeError:   # a torch without the `dynamo` argument
+        torch.onnx.export(model, x, path, **args)
+
+
+def ort_session(arch, batch):
+    """An ONNX Runtime session for torch_model(arch), or None when onnxruntime (or the exporter) is missing.
+
+    The export runs in a child process: measured, exporting in this process (TorchScript tracing)
+    made torch eager 2x faster at batch 32 for the rest of the process (Large: 13-15 -> 7 ms/img),
+    which would change the torch column depending on whether onnxruntime is installed."""
     try:
         import onnxruntime
-        import torch
     except ImportError:
         return None
-    try:
-        path = os.path.join(tempfile.mkdtemp(), "model.onnx")
-        torch.onnx.export(model, torch.from_numpy(x), path, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n"}})
-        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - a missing optional exporter dependency
-        print(f"  (ONNX Runtime skipped: {type(exc).__name__}: {exc})", file=sys.stderr)
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import bench; bench.export_onnx({arch!r}, {path!r}, {batch})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:    # e.g. a missing optional exporter dependency
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  (ONNX Runtime skipped: export failed: {last})", file=sys.stderr)
         return None
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
 def peak_mb(fn):
@@ -82,7 +104,7 @@ def stats(times, batch):
     return statistics.median(ms), min(ms), max(ms)
 
 
-def run_case(name, repeats):
+def run_case(name, repeats, settle_ms=50.0):
     import torch
     arch, batch = CASES[name]
     tmodel = torch_model(arch)
@@ -98,27 +120,33 @@ def run_case(name, repeats):
         ref = tmodel(xt).numpy()
     err = rel_err(model(x), ref)
     assert err <= 1e-4, f"{name}: npmnv3 and torchvision disagree (rel err {err:.2e})"
-    session = ort_session(tmodel, x)
+    session = ort_session(arch, batch)
     if session is not None:
         assert rel_err(session.run(None, {"x": x})[0], ref) <= 1e-4
 
-    systems = {"npmnv3": lambda: model(x)}
-    systems["torch"] = lambda: tmodel(xt)
+    # npmnv3 and torch interleaved; ONNX Runtime afterwards in its own rounds: its idle worker
+    # threads keep spinning for > 50 ms after each run (measured), taking the core that the next
+    # system timed would use (npmnv3's helper thread at N == 1: 12.8 instead of 9.1 ms/img)
+    phases = [{"npmnv3": lambda: model(x), "torch": lambda: tmodel(xt)}]
     if session is not None:
-        systems["ort"] = lambda: session.run(None, {"x": x})
-    times = {k: [] for k in systems}
+        phases.append({"ort": lambda: session.run(None, {"x": x})})
+    times = {k: [] for systems in phases for k in systems}
     with torch.inference_mode():
-        for fn in systems.values():     # warm-up: torch's first calls can be 100x slower
-            t0 = time.perf_counter()
-            for i in range(100):
-                fn()
-                if i >= 3 and time.perf_counter() - t0 > 1.0:
-                    break
-        for _ in range(repeats):
-            for key, fn in systems.items():
+        for systems in phases:
+            for fn in systems.values():     # warm-up: torch's first calls can be 100x slower
                 t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
+                for i in range(100):
+                    fn()
+                    if i >= 3 and time.perf_counter() - t0 > 1.0:
+                        break
+            for _ in range(repeats):
+                for key, fn in systems.items():
+                    t0 = time.perf_counter()    # untimed calls: absorb what the previous system
+                    while time.perf_counter() - t0 < settle_ms / 1e3:  # left behind (torch's
+                        fn()                                           # spinning OpenMP threads)
+                    t0 = time.perf_counter()
+                    fn()
+                    times[key].append(time.perf_counter() - t0)
     result = {k: stats(v, batch) for k, v in times.items()}
     result["ratio"] = result["npmnv3"][0] / result["torch"][0]
     result["mem"] = (first, steady)
@@ -151,6 +179,10 @@ def fmt(s):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per case (default 15)")
+    parser.add_argument("--settle-ms", type=float, default=50.0,
+                        help="in every round, untimed calls of each system for this long before its timed "
+                             "call (default 50; 0: none, the previous system's leftovers, e.g. torch's or "
+                             "ONNX Runtime's still-spinning worker threads, then run into the timed call)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
     args = parser.parse_args(argv)
     import torch
@@ -160,10 +192,10 @@ def main(argv=None):
         parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
     print(f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
-          f"repeats {args.repeats}, 224x224, float32\n")
+          f"repeats {args.repeats}, settle {args.settle_ms:g} ms, 224x224, float32\n")
     rows = []
     for case in cases:
-        r = run_case(case, args.repeats)
+        r = run_case(case, args.repeats, args.settle_ms)
         rows.append((case, r))
         print(f"  {case}: done (ratio {r['ratio']:.2f})", file=sys.stderr)
     has_ort = any("ort" in r for _, r in rows)
@@ -179,7 +211,7 @@ def main(argv=None):
         line += f" {r['mem'][0]:.1f} / {r['mem'][1]:.1f} | {r['err']:.1e} |"
         print(line)
     if not has_ort:
-        print("\n(ONNX Runtime not installed: skipped)")
+        print("\n(ONNX Runtime not installed or its export failed: skipped)")
     b = build_time()
     print(f"\nbuild Large from .npz (np.load + MobileNetV3 + load_state_dict + FastEngine): "
           f"median {b[0] * 1e3:.0f} ms (min {b[1] * 1e3:.0f}, max {b[2] * 1e3:.0f})")

@@ -62,17 +62,38 @@ blocks (output stride <= 4: large, memory-bound maps) run one image at a time so
 stay in cache, and the rest (small maps, where GEMMs gain from more rows) on the whole chunk. During every forward
 OpenBLAS is set to 1 thread through its C API (found with ctypes in the loaded NumPy; process-wide,
 restored afterwards; skipped when not found): for batches so that the two levels of threading do not
-fight, and also for N == 1, which runs on the calling thread. Measured on the 2-core machine, BLAS's
-second thread saved at best 15% at N == 1 but its spinning workers (OpenBLAS keeps them busy-waiting
-after each call) made the median 2-3x worse whenever anything else ran, torch included.
+fight, and also for N == 1. Measured on the 2-core machine, BLAS's second thread saved at best 15% at
+N == 1 but its spinning workers (OpenBLAS keeps them busy-waiting after each call) made the median
+2-3x worse whenever anything else ran, torch included.
+
+One image (N == 1) on two cores: the calling thread plus one persistent helper thread (``_Worker``).
+The N == 1 plan is rewritten once (``_parallelize``): each row-independent call (1x1 conv GEMMs,
+depthwise einsums, activations, bias / residual adds, copies, zero-border fills, the SE map scaling)
+is cut into two row bands (at 55% of the spatial rows, on whole rows so that consecutive layers' bands
+line up), and consecutive cut calls form one group as long as no band touches memory (checked with
+``np.shares_memory`` at build time) of another band of the group; a depthwise conv, which reads rows
+across the cut, starts a new group, so a block is ~1 group (consecutive blocks use alternating
+buffers so that nothing else forces a barrier). A group runs as: the caller takes bands from a shared
+iterator starting with the first; the helper, woken through a lock, takes what is left (work
+stealing: if it is late, e.g. its core is busy, the caller does everything and waits only for a band
+the helper has actually started). Groups estimated under ``SPLIT_MIN_US`` of work stay serial (a
+handoff costs ~25-50 us). Every N == 1 forward without intermediates runs this plan, on two threads
+when the helper is free (one forward at a time uses it; batches, whose chunks already use both
+cores, never do) and split forwards have not just been measured slower than serial ones
+(``FastEngine._run_single``: when the other core is busy the split lost ~15-30%; after 3 slower ones
+it backs off for 20 forwards and tries again), otherwise serially (the bands one after the other on
+the caller): the same calls either way, hence the same floats (cutting a GEMM into row bands can
+change its last bits). Large at 224: 24 groups, 11.9 -> 9.2 ms.
 """
 
 import ctypes
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -85,6 +106,11 @@ HS_SCALE = 6.0                          # x * clip(x + 3, 0, 6) is 6 * hard_swis
 CHUNK = 8                               # images per thread task for batches (4 and 16 measured)
 MAX_PLANS = 16                          # cached (shape, thread) plans per engine
 PREFIX_STRIDE = 4                       # in a chunk, blocks up to this output stride run per image
+SPLIT = True                            # N == 1: row-split large layers over the caller + one worker
+SPLIT_CUTS = (0.55,)                    # N == 1: row bands cut at these fractions (caller: first)
+SPLIT_MIN_US = 200.0                    # estimated work below which a group stays on one core
+SPLIT_SLOW = 3                          # after this many split N == 1 forwards in a row slower than
+SPLIT_BACKOFF = 20                      # one-thread ones, this many run on one thread
 
 
 # --------------------------------------------------------------------------- BLAS thread control
@@ -94,6 +120,7 @@ class _BlasThreads:
 
     def __init__(self):
         self._set = self._get = None
+        self._lock, self._active, self._previous = threading.Lock(), 0, None
         lib = self._find_openblas()
         if lib is None:
             return
@@ -127,6 +154,22 @@ class _BlasThreads:
     def set(self, n):
         if self._set and n:
             self._set(int(n))
+
+    def hold_one(self):
+        """Enter a forward: BLAS at 1 thread while any forward runs (counted: with concurrent
+        forwards, the first to finish must not restore the count under the others, whose GEMMs
+        would then change their last bits)."""
+        with self._lock:
+            if self._active == 0:
+                self._previous = self.get()
+                self.set(1)
+            self._active += 1
+
+    def release(self):
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self.set(self._previous)
 
 
 _BLAS = _BlasThreads()
@@ -228,9 +271,13 @@ def _relu(y, out):
 
 
 def _hswish6(y, tmp, out):
-    """out = y * clip(y + 3, 0, 6) = 6 * hard_swish(y); tmp is scratch of y's shape."""
-    np.add(y, 3, out=tmp)
-    np.clip(tmp, 0, 6, out=tmp)
+    """out = y * clip(y + 3, 0, 6) = 6 * hard_swish(y); tmp is scratch of y's shape.
+
+    As y * (clip(y, -3, 3) + 3): the same floats (y + 3 is rounded once either way), and the
+    in-place + 3 on the freshly written tmp is cheaper than an add from y (measured 55 vs 64 us
+    per 188k floats)."""
+    np.clip(y, -3, 3, out=tmp)
+    tmp += 3
     np.multiply(y, tmp, out=out)
 
 
@@ -258,6 +305,7 @@ class _Arena:
         self.sizes = {} if sizes is None else sizes
         self.dry = sizes is None
         self.skipping = False
+        self.suffix = ""        # appended to roles (alternating per block in split plans)
         self.flat = {} if self.dry else {r: np.empty(s, dtype) for r, s in sizes.items()}
 
     @property
@@ -265,6 +313,7 @@ class _Arena:
         return not (self.dry or self.skipping)
 
     def get(self, role, shape):
+        role += self.suffix
         size = int(np.prod(shape))
         if not self.real:   # a stand-in that allocates nothing and is never run
             if not self.skipping:
@@ -363,41 +412,28 @@ def _phase_einsum(planes, w, ho, wo, arena, out_rows):
     return steps
 
 
-def _se_scale(d_map, w1, b1, w2, b2, mean_vec):
-    """Squeeze-excite gate e (n, C) in [0, 1] for d_map (n, P, C) (scales pre-folded)."""
+def _se_gate(d_map, w1, b1, w2, b2, mean_vec, out):
+    """Squeeze-excite gate (n, C) in [0, 1] for d_map (n, P, C) into ``out`` (scales pre-folded)."""
     m = np.matmul(mean_vec, d_map)[:, 0]           # (n, C): mean over positions as a GEMV
     z = m @ w1
     z += b1
     np.clip(z, 0, BIG, out=z)
-    e = z @ w2
-    e += b2
-    np.clip(e, 0, 1, out=e)
-    return e
-
-
-def _se_apply_map(d_map, se, mean_vec):
-    e = _se_scale(d_map, *se, mean_vec)
-    d_map *= e[:, None, :]
-
-
-def _se_project_weights(d_map, se, mean_vec, wp, d3, out3, w_buf):
-    """Apply the gate to per-image copies of the projection weight (into a preallocated buffer: a
-    fresh megabyte per call costs page faults), then one batched matmul."""
-    e = _se_scale(d_map, *se, mean_vec)
-    np.multiply(e[:, :, None], wp, out=w_buf)
-    np.matmul(d3, w_buf, out=out3)
+    np.matmul(z, w2, out=out)
+    out += b2
+    np.clip(out, 0, 1, out=out)
 
 
 class _Plan:
     """Buffers, views and the list of calls for one (n, H, W) input shape."""
 
-    def __init__(self, engine, n, h, w, sizes=None, skip=0):
+    def __init__(self, engine, n, h, w, sizes=None, skip=0, split=False):
         """skip: features.0 .. features.<skip - 1> will never run here (their rows are filled by
         the caller into features.<skip - 1>'s buffer), so they get no buffers."""
         self.arena = arena = _Arena(engine.dtype, sizes)
         arena.skipping = skip > 1
         dt = engine.dtype
         self.stages = []                # (calls, (feature name, NHWC view, scale)) per features.i
+        self.widths = {}                # rows of an (H * W, C) matrix -> W (for the row splits)
         self.block_buffers = [None]     # per features.i (blocks only): its whole output buffer
         self.steps = []
         add = self._add
@@ -407,6 +443,7 @@ class _Plan:
         xpad = arena.get("stem_pad", (n, 3, h + 2, w + 2))      # roles used by the stem only:
         self.x_interior = xpad[:, :, 1:-1, 1:-1]
         h1, w1 = conv_output_size(h, 3, 2, 1), conv_output_size(w, 3, 2, 1)
+        self.widths[h1 * w1] = w1
         cols = arena.get("stem_cols", (28, n * h1 * w1))
         if arena.real:                                          # their constant parts are set once
             xpad[...] = 0
@@ -426,11 +463,15 @@ class _Plan:
         # ---- bneck blocks
         for i, blk in enumerate(engine.blocks, start=1):
             arena.skipping = i < skip - 1
+            if split:   # consecutive blocks share no buffer, so their row bands can share a handoff
+                arena.suffix = f".{i % 2}"
             x, x_aug, h, w = self._block(blk, x, x_aug, h, w, n, add)
             self.block_buffers.append(x if x_aug is None else x_aug)
             self._end_stage(f"features.{i}", x, blk["out_scale"], blk["out_offset"])
 
         # ---- head conv, pool, classifier
+        if split:
+            arena.suffix = f".{(len(engine.blocks) + 1) % 2}"
         wh, bh, wh_aug = engine.head["conv"]
         ch = wh.shape[1]
         y = arena.get("exp", (n, h, w, ch))
@@ -444,6 +485,17 @@ class _Plan:
         self._end_stage(f"features.{len(engine.blocks) + 1}", y, HS_SCALE)
         self.head_map = y.reshape(n, h * w, ch)
         self.mean_vec = np.full((1, h * w), 1.0 / (h * w), dt)
+
+    def parallelize(self, fractions, min_us):
+        """Make this (N == 1) plan run its large layers on two cores (see ``_parallelize``)."""
+        _worker()
+        self.backoff, self.single, self.slow = 2, None, 0    # see FastEngine._run_single
+        self.mode = SimpleNamespace(serial=False)
+        steps = _parallelize([s for stage, _ in self.stages for s in stage], self.widths, fractions, min_us,
+                             self.mode)
+        # groups may cross stage boundaries: all calls go to the last stage (such a plan is never
+        # asked for intermediate features nor run as a prefix)
+        self.stages = [([], info) for _, info in self.stages[:-1]] + [(steps, self.stages[-1][1])]
 
     def _add(self, calls):
         self.steps.extend(calls)
@@ -482,6 +534,8 @@ class _Plan:
         hp, wp = h + 2 * pad, w + 2 * pad
         ho = conv_output_size(h, k, stride, pad, dil)
         wo = conv_output_size(w, k, stride, pad, dil)
+        self.widths.setdefault(h * w, w)
+        self.widths.setdefault(ho * wo, wo)
 
         # 1x1 expand -> BN -> act, written straight into the depthwise conv's zero-padded input:
         # one padded buffer, or for stride 2 on large maps its four phase planes
@@ -547,12 +601,22 @@ class _Plan:
         d3, out3 = d.reshape(n, ho * wo, e), out_aug.reshape(n, ho * wo, width)[:, :, :cout]
         out2d = _rows(out_aug)[:, :cout]
         if blk["se"] is not None:
+            # the gate, then applied to per-image copies of the projection weight (in a buffer made
+            # once: a fresh megabyte per call costs page faults) or to the map, whichever touches
+            # fewer floats (x * e) @ W == x @ (e[:, None] * W); separate calls so that the map-sized
+            # ones can be row-split at N == 1
             mean_vec = np.full((1, ho * wo), 1.0 / (ho * wo), dt)
+            gate = arena.get("se_gate", (n, e))
+            add([partial(_se_gate, d3, *blk["se"], mean_vec, gate)])
             if ho * wo > cout:      # fewer floats to scale in the weight than in the map
                 w_buf = arena.get("se_weight", (n, e, cout))
-                add([partial(_se_project_weights, d3, blk["se"], mean_vec, wp_, d3, out3, w_buf)])
+                add([partial(np.multiply, gate[:, :, None], wp_, out=w_buf)])
+                if n == 1:
+                    add([partial(np.matmul, d.reshape(-1, e), w_buf[0], out=out2d)])
+                else:
+                    add([partial(np.matmul, d3, w_buf, out=out3)])
             else:
-                add([partial(_se_apply_map, d3, blk["se"], mean_vec),
+                add([partial(np.multiply, d, gate[:, None, None, :], out=d),
                      partial(np.matmul, d.reshape(-1, e), wp_, out=out2d)])
         else:
             add([partial(np.matmul, d.reshape(-1, e), wp_, out=out2d)])
@@ -597,6 +661,263 @@ class _Plan:
         logits += fc3[1]
 
 
+# --------------------------------------------------------------------------- one image on two cores
+
+class _Worker:
+    """One persistent helper thread for N == 1: it takes row bands of a layer group that the caller
+    has not taken yet (work stealing), so the caller never waits for a helper that is not running.
+
+    Measured on the 2-vCPU machine: a lock ping-pong round trip costs ~50 us, and right after a torch
+    call its OpenMP workers keep spinning for ~5-30 ms (libgomp's default spin count, long on this
+    CPU), during which the helper gets the second core late or only in part. With a fixed split the
+    caller then waited for the helper at every group (13.4 vs 11.7 ms unsplit); with stealing it
+    does the bands the helper has not started, and when the split is still slower than one thread,
+    ``FastEngine._run_single`` stops using it for a while. The helper sleeps on a lock between jobs
+    (never spins), and a late or dead helper (e.g. after fork) cannot block the caller."""
+
+    def __init__(self):
+        self.busy = threading.Lock()        # one forward at a time uses the helper
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._sleeping = False
+        self._job = None
+        threading.Thread(target=self._loop, name="npmnv3-split", daemon=True).start()
+
+    def _loop(self):
+        last = None
+        while True:
+            job = self._job
+            if job is not None and (job, job.gen) != last:
+                last = (job, job.gen)
+                job.help()
+                continue
+            self._sleeping = True
+            job = self._job
+            if job is not None and (job, job.gen) != last:
+                self._sleeping = False
+                continue
+            self._wake.acquire()
+
+    def post(self, job):
+        self._job = job
+        if self._sleeping:
+            self._sleeping = False
+            try:
+                self._wake.release()
+            except RuntimeError:    # already released (a wake-up is pending)
+                pass
+
+
+_WORKER = None
+
+
+def _worker():
+    global _WORKER
+    with _POOL_LOCK:
+        if _WORKER is None:
+            _WORKER = _Worker()
+        return _WORKER
+
+
+def _run_calls(calls):
+    for call in calls:
+        call()
+
+
+class _Split:
+    """A group of row-split calls: band b of every call, in order, is one piece; the caller runs
+    pieces from the first, the helper steals from the same iterator; the caller then waits only
+    for a piece the helper is still running (the helper holds ``lock`` while running one)."""
+
+    def __init__(self, bands, mode):
+        self.pieces = [partial(_run_calls, calls) for calls in bands]
+        self.mode = mode        # shared by the plan: mode.serial runs all bands on the caller
+        self.lock = threading.Lock()
+        self.gen = 0
+        self.it = iter(())
+        self.error = None
+
+    def help(self):
+        it = self.it
+        while True:
+            with self.lock:
+                piece = next(it, None)
+                if piece is None:
+                    return
+                try:
+                    piece()
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                    self.error = exc
+
+
+    def __call__(self):
+        if self.mode.serial:    # the same calls in the same order: the same floats as with the helper
+            for piece in self.pieces:
+                piece()
+            return
+        self.it = it = iter(self.pieces)
+        self.gen += 1
+        _WORKER.post(self)
+        try:
+            for piece in it:
+                piece()
+        finally:
+            for _ in it:            # (after an exception here: leave nothing for the helper)
+                pass
+            self.lock.acquire()     # wait for the piece the helper may be running
+            self.lock.release()
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise exc
+
+
+def _cuts(a, axis, rs):
+    """a cut along ``axis`` at the indices rs (ascending): len(rs) + 1 views."""
+    bounds = [None, *rs, None]
+    index = (slice(None),) * axis
+    return [a[index + (slice(lo, hi),)] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _split_step(step, fractions, widths):
+    """(pieces, est_us) cutting one planned call of an N == 1 plan into row bands (cut at the
+    given fractions of its rows), or None when the call is not one of the row-independent kinds.
+    Rows are cut on spatial-row boundaries (a matmul's M = H * W rows, W from ``widths``) so that
+    consecutive layers' bands line up and can share one handoff."""
+    if not isinstance(step, partial):
+        return None
+    f, args, kw = step.func, step.args, step.keywords
+
+    def at(length):
+        rs = sorted({int(round(q * length)) for q in fractions})
+        return rs if rs and 0 < rs[0] and rs[-1] < length else None
+
+    def cut_all(arrays, axes, rs):
+        """per array its pieces (arrays passed whole, axis None, repeat: weights, bias rows)."""
+        return [_cuts(a, ax, rs) if ax is not None else [a] * (len(rs) + 1) for a, ax in zip(arrays, axes)]
+
+    if f is np.matmul:
+        a, w = args
+        out = kw["out"]
+        if a.ndim != 2 or out.ndim != 2:
+            return None
+        width = widths.get(a.shape[0], 1)
+        rs = at(a.shape[0] // width)
+        if rs is None:
+            return None
+        rs = [r * width for r in rs]
+        est = a.shape[0] * a.shape[1] * w.shape[1] / 35e3
+        return [partial(np.matmul, p, w, out=o) for p, o in zip(_cuts(a, 0, rs), _cuts(out, 0, rs))], est
+    if f is np.einsum:
+        spec, view, wt = args
+        out = kw["out"]
+        rs = at(view.shape[1])
+        if rs is None:
+            return None
+        est = out.size * int(np.prod(view.shape[2:4])) / 7e3
+        return [partial(np.einsum, spec, v, wt, out=o) for v, o in zip(_cuts(view, 1, rs), _cuts(out, 1, rs))], est
+    if f is _bias_act:
+        y_rows, bias_row, act, y, tmp, out = args
+        if y.shape[0] != 1:
+            return None
+        rs = at(y.shape[1])
+        if rs is None:
+            return None
+        yr = _cuts(y_rows, 0, rs) if y_rows is not None else [None] * (len(rs) + 1)
+        ys, ts, os_ = cut_all([y, tmp, out], [1, 1, 1], rs)
+        est = y.size * (3 if act == "HS" else 1 + (bias_row is not None)) / 2e3
+        return [partial(_bias_act, *p) for p in zip(yr, [bias_row] * len(yr), [act] * len(yr), ys, ts, os_)], est
+    if f is _hswish6:
+        y = args[0]
+        if y.shape[0] != 1:
+            return None
+        rs = at(y.shape[1])
+        if rs is None:
+            return None
+        return [partial(_hswish6, *p) for p in zip(*cut_all(args, [1, 1, 1], rs))], y.size * 3 / 2e3
+    if f is np.copyto and not kw and not isinstance(args[1], np.ndarray) and args[0].ndim >= 2:
+        dst, value = args                           # a fill (zero borders, the ones column)
+        rs = at(dst.shape[1])
+        if rs is None:
+            return None
+        return [partial(np.copyto, d, value) for d in _cuts(dst, 1, rs)], dst.size / 1e3
+    if f is np.copyto:
+        dst, src = args
+        if kw or not isinstance(src, np.ndarray) or src.shape != dst.shape or dst.ndim not in (4, 6):
+            return None
+        axis = 1 if dst.ndim == 4 else 4           # the rows (the stem's im2col: (3, 3, 3, n, h, w))
+        if dst.shape[0 if dst.ndim == 4 else 3] != 1:
+            return None
+        rs = at(dst.shape[axis])
+        if rs is None:
+            return None
+        return [partial(np.copyto, *p) for p in zip(*cut_all([dst, src], [axis, axis], rs))], dst.size / 1e3
+    if f is np.add or f is np.multiply:
+        a, b = args
+        out = kw.get("out")
+        if out is None or out is not a or a.ndim < 2 or a.shape[0] != 1 and a.ndim > 2:
+            return None
+        axis = 0 if a.ndim == 2 else 1      # (n * h, w * c) rows with n == 1, or (1, h, ...)
+        rs = at(a.shape[axis])
+        if rs is None:
+            return None
+        b_axis = axis if isinstance(b, np.ndarray) and b.shape == a.shape else None
+        return [partial(f, p, q, out=p) for p, q in zip(*cut_all([a, b], [axis, b_axis], rs))], a.size / 2e3
+    return None
+
+
+def _arrays(call):
+    return [a for a in call.args if isinstance(a, np.ndarray)] + \
+           [a for a in call.keywords.values() if isinstance(a, np.ndarray)]
+
+
+_TOO_HARD = getattr(getattr(np, "exceptions", np), "TooHardError", ValueError)   # NumPy < 1.25: np.
+
+
+def _overlap(a, b):
+    """Whether two views may share memory (exactly when cheap to decide, else assume they do)."""
+    try:
+        return np.shares_memory(a, b, max_work=100000)
+    except _TOO_HARD:
+        return True
+
+
+def _parallelize(steps, widths, fractions, min_us, mode):
+    """Rewrite a list of planned calls (N == 1) into groups of row-split calls, one handoff each.
+
+    Consecutive splittable calls join the current group while none of their bands may share memory
+    with another band of the group (arrays passed whole to every band are the read-only weights and
+    bias rows, and are not compared); otherwise (e.g. a depthwise conv reading rows on both sides
+    of a cut) a new group starts. Groups estimated under ``min_us`` of work stay serial (a handoff
+    would cost more than it saves)."""
+    out, group = [], []     # group: [(original, pieces, est, per-band activation arrays)]
+
+    def flush():
+        if group:
+            if sum(g[2] for g in group) >= min_us:
+                out.append(_Split([list(band) for band in zip(*(g[1] for g in group))], mode))
+            else:
+                out.extend(g[0] for g in group)
+            group.clear()
+
+    for step in steps:
+        split = _split_step(step, fractions, widths)
+        if split is None or (group and len(split[0]) != len(group[0][1])):
+            flush()
+        if split is None:
+            out.append(step)
+            continue
+        pieces, est = split
+        arrays = [_arrays(p) for p in pieces]
+        common = set.intersection(*({id(a) for a in arrs} for arrs in arrays))
+        arrays = [[a for a in arrs if id(a) not in common] for arrs in arrays]
+        if any(_overlap(a, b) for g in group for i, mine in enumerate(arrays)
+               for j, theirs in enumerate(g[3]) if i != j for a in mine for b in theirs):
+            flush()
+        group.append((step, pieces, est, arrays))
+    flush()
+    return out
+
+
 # --------------------------------------------------------------------------- engine
 
 def _prefix_blocks(blocks, max_stride):
@@ -622,15 +943,17 @@ class FastEngine:
         self.prefix = _prefix_blocks(model.blocks, PREFIX_STRIDE)
         self._lock = threading.Lock()
 
-    def _plan(self, n, h, w, skip=0):
-        key = (n, h, w, skip, threading.get_ident())
+    def _plan(self, n, h, w, skip=0, split=False):
+        key = (n, h, w, skip, threading.get_ident(), split)
         with self._lock:
             plan = self._plans.get(key)
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        dry = _Plan(self, n, h, w, skip=skip)                # sizes the shared buffers
-        plan = _Plan(self, n, h, w, sizes=dry.arena.sizes, skip=skip)
+        dry = _Plan(self, n, h, w, skip=skip, split=split)    # sizes the shared buffers
+        plan = _Plan(self, n, h, w, sizes=dry.arena.sizes, skip=skip, split=split)
+        if split:
+            plan.parallelize(SPLIT_CUTS, SPLIT_MIN_US)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > MAX_PLANS:
@@ -659,10 +982,18 @@ class FastEngine:
         logits = np.empty((n, self.num_classes), self.dtype)
         chunks = self._chunks(n)
         parts = [OrderedDict() if return_intermediates else None for _ in chunks]
-        previous = _BLAS.get()
-        _BLAS.set(1)        # see the module docstring: BLAS's own threads cost more than they gain
+        _BLAS.hold_one()    # see the module docstring: BLAS's own threads cost more than they gain
         try:
-            if len(chunks) == 1:
+            if n == 1 and SPLIT and self.threads > 1 and not return_intermediates:
+                worker = _worker()
+                if worker.busy.acquire(blocking=False):
+                    try:    # one image: its large layers row-split over this thread and the helper
+                        self._run_single(x, logits)
+                    finally:
+                        worker.busy.release()
+                else:       # the helper is busy (another thread's forward): the same plan, serially
+                    self._run_split_plan(x, logits, serial=True)
+            elif len(chunks) == 1:
                 self._run_chunk(x, logits, parts[0])
             else:
                 futures = [_pool().submit(self._run_chunk, x[a:b], logits[a:b], part)
@@ -670,13 +1001,52 @@ class FastEngine:
                 for f in futures:
                     f.result()
         finally:
-            _BLAS.set(previous)
+            _BLAS.release()
         if not return_intermediates:
             return logits
         if len(parts) == 1:
             return logits, parts[0]
         features = OrderedDict((name, np.concatenate([p[name] for p in parts])) for name in parts[0])
         return logits, features
+
+    def _run_split_plan(self, x, logits, serial):
+        plan = self._plan(1, x.shape[2], x.shape[3], split=True)
+        plan.mode.serial = serial
+        try:
+            plan.run(x, logits, self.head["fc0"], self.head["fc3"])
+        finally:
+            plan.mode.serial = False
+        return plan
+
+    def _run_single(self, x, logits):
+        """One image, split over two threads unless that has been measured slower just now.
+
+        Both ways run the split plan (serially: its bands one after the other on this thread), so
+        that the logits do not depend on which way ran: cutting a GEMM into row bands can change its
+        last bits (OpenBLAS picks kernels by size; seen on Small, whose one-thread plan without cuts
+        then gave different probabilities for the same image). The plan keeps the time of recent
+        serial forwards (``single``, an average) and counts consecutive two-thread forwards slower
+        than it by 5%; SPLIT_SLOW in a row (the helper's core is busy: another process) make the
+        next SPLIT_BACKOFF forwards run serially, re-measuring ``single``, then it tries again.
+        Measured with a busy-looping process on the other core: split forwards took 13-17 ms (the
+        helper gets half a core, and its wake-ups cost the caller) against 12.7 on one thread.
+        Three, not two: right after a torch call its OpenMP workers keep spinning for ~25 ms, which
+        slows the next two forwards only (19 and 13 ms, then 9), and that should not switch the
+        split off for the next 20."""
+        plan = self._plan(1, x.shape[2], x.shape[3], split=True)
+        t0 = time.perf_counter()
+        if plan.backoff > 0:
+            plan.backoff -= 1
+            self._run_split_plan(x, logits, serial=True)
+            t = time.perf_counter() - t0
+            plan.single = t if plan.single is None else 0.5 * (plan.single + t)
+            return
+        self._run_split_plan(x, logits, serial=False)
+        t = time.perf_counter() - t0
+        slow = plan.single is not None and t > 1.05 * plan.single
+        plan.slow = plan.slow + 1 if slow else 0
+        if plan.slow >= SPLIT_SLOW:
+            plan.backoff, plan.slow = SPLIT_BACKOFF, 0
 
     def _chunks(self, n):
         """[(start, stop)] splitting n images into a multiple of the thread count of ~CHUNK-image tasks."""

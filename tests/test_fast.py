@@ -123,3 +123,95 @@ def test_chunks_cover_the_batch(n):
     assert all(prev[1] == nxt[0] for prev, nxt in zip(chunks, chunks[1:]))
     if n > 1 and engine.threads > 1:
         assert len(chunks) % engine.threads == 0 or len(chunks) == n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@DTYPES
+def test_one_image_split_over_two_threads(arch, dtype, monkeypatch):
+    """N == 1 runs its large layers as row bands on the caller and a helper thread (work stealing):
+    the logits of the one-thread plan (within rounding) and exactly those of the same bands run
+    serially, with groups actually formed, also for odd sizes; exceptions in a band reach the
+    caller; concurrent single-image calls give the very same logits."""
+    import threading
+
+    from npmnv3 import fast
+    torch_model = torch_model_for(arch, 11)
+    model = build(arch, torch_model, dtype)
+    rng = np.random.default_rng(4)
+    for shape in [(1, 3, 224, 224), (1, 3, 97, 131), (1, 3, 33, 45), (1, 3, 1, 1)]:
+        x = rng.standard_normal(shape).astype(dtype)
+        engine = fast.FastEngine(model)
+        split = engine._plan(1, *shape[2:], split=True)
+        if shape[2] == 224:
+            assert sum(isinstance(s, fast._Split) for steps, _ in split.stages for s in steps) >= 10
+        logits = np.empty((1, engine.num_classes), dtype)
+        with fast._worker().busy:
+            split.run(x, logits, *(engine.head[k] for k in ("fc0", "fc3")))
+        plain = np.empty_like(logits)
+        engine._plan(1, *shape[2:]).run(x, plain, *(engine.head[k] for k in ("fc0", "fc3")))
+        assert rel_err(logits, plain) <= TOL[dtype] / 10
+        serial = np.empty_like(logits)      # its bands one after the other: the very same floats
+        engine._run_split_plan(x, serial, serial=True)
+        np.testing.assert_array_equal(serial, logits)
+        assert rel_err(model(x), model.forward_reference(x)) <= TOL[dtype]
+
+    # the helper's exception reaches the caller, and the helper keeps working afterwards
+    x = rng.standard_normal((1, 3, 160, 160)).astype(dtype)
+    engine = fast.FastEngine(model)
+    plan = engine._plan(1, 160, 160, split=True)
+    group = next(s for steps, _ in plan.stages for s in steps if isinstance(s, fast._Split))
+    saved = group.pieces
+
+    def boom():
+        raise ValueError("band failed")
+    group.pieces = [boom] * len(saved)
+    with pytest.raises(ValueError, match="band failed"):
+        group()
+    group.pieces = saved
+    logits = np.empty((1, engine.num_classes), dtype)
+    with fast._worker().busy:
+        plan.run(x, logits, *(engine.head[k] for k in ("fc0", "fc3")))
+    assert rel_err(logits, model.forward_reference(x)) <= TOL[dtype]
+
+    # two threads calling with one image each: one gets the helper, the other runs the same plan
+    # serially; either way the very same logits
+    xs = [rng.standard_normal((1, 3, 160, 160)).astype(dtype) for _ in range(2)]
+    refs = [model(xi) for xi in xs]
+    results = {}
+
+    def call(i):
+        results[i] = [model(xs[i]) for _ in range(5)]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for got in results[i]:
+            np.testing.assert_array_equal(got, refs[i])
+
+
+def test_one_image_split_backs_off_when_slower(monkeypatch):
+    """SPLIT_SLOW split forwards slower than the one-thread average -> SPLIT_BACKOFF on one thread
+    (which re-measure it), then split again; the same floats either way."""
+    from npmnv3 import fast
+    model = build("mobilenet_v3_small", torch_model_for("mobilenet_v3_small", 11), np.float32)
+    engine = fast.FastEngine(model)
+    monkeypatch.setattr(model, "_engine", engine, raising=False)
+    x = np.random.default_rng(5).standard_normal((1, 3, 96, 96)).astype(np.float32)
+    logits = np.empty((1, engine.num_classes), np.float32)
+    engine._run_single(x, logits)
+    split = engine._plan(1, 96, 96, split=True)
+    assert split.backoff == 1 and split.single is not None     # the first forwards run on one thread
+    engine._run_single(x, logits)
+    ref = logits.copy()
+    split.single = 1e-9             # any split forward is now "slower"
+    for i in range(1, fast.SPLIT_SLOW):
+        engine._run_single(x, logits)
+        assert split.slow == i and split.backoff == 0
+    engine._run_single(x, logits)
+    assert split.backoff == fast.SPLIT_BACKOFF and split.slow == 0
+    for i in range(fast.SPLIT_BACKOFF):
+        engine._run_single(x, logits)
+        np.testing.assert_array_equal(logits, ref)
+    assert split.backoff == 0 and split.single > 1e-6
