@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import hub
 from .imagenet import categories
+from .model import MobileNetV3
 from .serialization import load_metadata, load_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,8 +157,6 @@ def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=Fal
     ``num_classes`` defaults to the weights' classifier size (1000 for the official weights,
     or whatever a fine-tuned file holds), else 1000.
     """
-    from .model import MobileNetV3
-
     state_dict, meta = resolve(arch, weights, offline=offline, progress=progress)
     if num_classes is None:
         head = None if state_dict is None else state_dict.get("classifier.3.weight")
