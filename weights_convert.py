@@ -19,15 +19,14 @@ import numpy as np
 
 import npmnv3
 from npmnv3 import weights as W
-
-ARCHS = ("mobilenet_v3_large", "mobilenet_v3_small")
+from npmnv3.config import ARCHS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC.pth OUT.npz, or OUT.npz with --weights")
-    p.add_argument("--arch", choices=ARCHS, help="architecture (default: recognised from the keys)")
+    p.add_argument("--arch", choices=list(ARCHS), help="architecture (default: recognised from the keys)")
     p.add_argument("--weights", metavar="NAME", help="official weights to fetch: DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2")
     p.add_argument("--width-mult", type=float, default=1.0)
     p.add_argument("--reduced-tail", action="store_true")
@@ -48,10 +47,9 @@ def parse_args(argv=None):
 def build_model(state_dict, meta, args):
     """The npmnv3 model these weights fit, trying both architectures unless --arch was given."""
     options = dict(width_mult=args.width_mult, reduced_tail=args.reduced_tail, dilated=args.dilated)
-    head = state_dict.get("classifier.3.weight")
-    num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
+    num_classes = W.classes_in(state_dict)
     errors = []
-    for arch in [args.arch] if args.arch else ARCHS:
+    for arch in [args.arch] if args.arch else list(ARCHS):
         model = npmnv3.MobileNetV3(arch, num_classes=num_classes, **options)
         try:
             model.load_state_dict(state_dict)

@@ -8,8 +8,9 @@ import json
 import sys
 
 import npmnv3
+from npmnv3.config import ARCHS
 
-ARCH_CHOICES = ("mobilenet_v3_large", "mobilenet_v3_small")
+ARCH_CHOICES = list(ARCHS)
 SAMPLE = "grace_hopper.jpg"
 
 

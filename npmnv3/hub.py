@@ -149,7 +149,7 @@ def _check_args(filename: str, sha256: str, size: int) -> str:
     return digest
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path) -> str:
     """The SHA-256 hex digest of the file at ``path``."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -170,7 +170,7 @@ def _mismatch(path: Path, sha256: str, size: int) -> Optional[str]:
         actual_size = path.stat().st_size
         if actual_size != size:
             return f"it has {actual_size:,} bytes instead of {size:,}"
-        actual = _sha256_of(path)
+        actual = sha256_of(path)
     except OSError as exc:
         return f"it cannot be read ({exc})"
     if actual != sha256:

@@ -27,6 +27,7 @@ from . import kernels as K
 from .config import BN_EPS, bneck_settings
 from .errors import StateDictError
 from .fast import FastEngine
+from .serialization import save_state_dict
 
 ACTIVATIONS = {"RE": K.relu, "HS": K.hard_swish}
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
@@ -215,7 +216,6 @@ class MobileNetV3:
 
         ``npmnv3.mobilenet_v3_large(weights=path)`` (or ``_small``) reads it back.
         """
-        from .serialization import save_state_dict
         metadata = dict(self.meta, arch=self.arch, **self.options)
         save_state_dict(self.state_dict(), path, metadata=metadata)
 

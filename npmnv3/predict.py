@@ -8,11 +8,11 @@ import numpy as np
 
 from .errors import ImageError
 from .images import preprocess
+from .config import ARCHS
 from .imagenet import class_index
 from .model import MobileNetV3
 from .weights import IMAGENET_MEAN, IMAGENET_STD, build
 
-ARCHS = ("mobilenet_v3_large", "mobilenet_v3_small")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 _MODEL_CACHE = {}
 

@@ -11,7 +11,6 @@ All use a centre crop of 224 and ImageNet's mean and std. ``fetch`` downloads a 
 cache (``hub.cache_dir()``) or finds it in torch's hub cache.
 """
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,14 +95,6 @@ def is_official_name(arch, weights):
     return True
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def meta_for_file(arch, path):
     """Preprocessing and class names for a weights file given by path.
 
@@ -117,7 +108,7 @@ def meta_for_file(arch, path):
         meta.setdefault("categories", categories() if stored.get("num_classes", 1000) == 1000 else None)
         return meta
     if path.stat().st_size in {w.size for w in OFFICIAL.values()}:
-        digest = _sha256(path)
+        digest = hub.sha256_of(path)
         for w in OFFICIAL.values():
             if w.sha256 == digest:
                 return w.meta()
@@ -150,6 +141,12 @@ def resolve(arch, weights, offline=None, progress=None):
     return load_state_dict(path), entry.meta()
 
 
+def classes_in(state_dict, default=1000):
+    """Number of classes of the classifier in ``state_dict`` (``classifier.3.weight`` rows), else ``default``."""
+    head = None if state_dict is None else state_dict.get("classifier.3.weight")
+    return int(head.shape[0]) if head is not None and getattr(head, "ndim", 0) == 2 else default
+
+
 def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=None,
           dtype="float32", seed=0, offline=None, progress=None):
     """Build ``arch`` and load ``weights`` into it (see ``resolve``); the builders call this.
@@ -159,8 +156,7 @@ def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=Fal
     """
     state_dict, meta = resolve(arch, weights, offline=offline, progress=progress)
     if num_classes is None:
-        head = None if state_dict is None else state_dict.get("classifier.3.weight")
-        num_classes = int(head.shape[0]) if head is not None and getattr(head, "ndim", 0) == 2 else 1000
+        num_classes = classes_in(state_dict)
     model = MobileNetV3(arch, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
                         num_classes=num_classes, dtype=dtype, seed=seed)
     if state_dict is not None:
