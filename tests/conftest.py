@@ -53,6 +53,14 @@ def numpy_state_dict(torch_model):
     return {k: v.detach().cpu().numpy().copy() for k, v in torch_model.state_dict().items()}
 
 
+def npmnv3_model(arch, torch_model, dtype, **options):
+    """npmnv3's ``arch`` in ``dtype`` holding ``torch_model``'s weights."""
+    import npmnv3
+    model = getattr(npmnv3, arch)(dtype=dtype, **options)
+    model.load_state_dict(numpy_state_dict(torch_model))
+    return model
+
+
 def torch_forward(torch_model, x, dtype=np.float32):
     """Logits and every features.i output of the torchvision model, as numpy arrays."""
     import torch

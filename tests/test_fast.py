@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import npmnv3
-from conftest import ARCHS, numpy_state_dict, random_torch_model, record, rel_err, torch_forward
+from conftest import ARCHS, npmnv3_model, numpy_state_dict, random_torch_model, record, rel_err, torch_forward
 from npmnv3.fast import CHUNK, FastEngine
 
 pytest.importorskip("torch")
@@ -22,12 +22,6 @@ DTYPES = pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("float3
 @functools.lru_cache(maxsize=None)
 def torch_model_for(arch, seed, options=()):
     return random_torch_model(arch, seed=seed, **dict(options))
-
-
-def build(arch, torch_model, dtype, **options):
-    model = getattr(npmnv3, arch)(dtype=dtype, **options)
-    model.load_state_dict(numpy_state_dict(torch_model))
-    return model
 
 
 def check(model, torch_model, x, dtype, label, torchvision=True):
@@ -60,7 +54,7 @@ def check(model, torch_model, x, dtype, label, torchvision=True):
 @DTYPES
 def test_default_model_sizes_and_batches(arch, dtype):
     torch_model = torch_model_for(arch, 11)
-    model = build(arch, torch_model, dtype)
+    model = npmnv3_model(arch, torch_model, dtype)
     rng = np.random.default_rng(0)
     label = np.dtype(dtype).name
     shapes = [(1, 3, 224, 224), (5, 3, 97, 131), (9, 3, 33, 45), (2, 3, 17, 23), (1, 3, 1, 1), (3, 3, 6, 2)]
@@ -78,7 +72,7 @@ def test_default_model_sizes_and_batches(arch, dtype):
 @DTYPES
 def test_options(arch, options, dtype):
     torch_model = torch_model_for(arch, 12, tuple(sorted(options.items())))
-    model = build(arch, torch_model, dtype, **options)
+    model = npmnv3_model(arch, torch_model, dtype, **options)
     rng = np.random.default_rng(1)
     for shape in [(5, 3, 33, 45), (1, 3, 17, 23)]:
         x = rng.standard_normal(shape).astype(dtype)
@@ -87,7 +81,7 @@ def test_options(arch, options, dtype):
 
 def test_repeated_calls_are_independent_and_input_untouched():
     torch_model = torch_model_for("mobilenet_v3_small", 11)
-    model = build("mobilenet_v3_small", torch_model, np.float32)
+    model = npmnv3_model("mobilenet_v3_small", torch_model, np.float32)
     rng = np.random.default_rng(2)
     a, b = (rng.standard_normal((3, 3, 40, 40)).astype(np.float32) for _ in range(2))
     a_copy = a.copy()
@@ -106,7 +100,7 @@ def test_repeated_calls_are_independent_and_input_untouched():
 
 def test_engine_is_rebuilt_after_load_state_dict():
     small = torch_model_for("mobilenet_v3_small", 11)
-    model = build("mobilenet_v3_small", small, np.float64)
+    model = npmnv3_model("mobilenet_v3_small", small, np.float64)
     x = np.random.default_rng(3).standard_normal((1, 3, 32, 32))
     first = model(x)
     model.load_state_dict(numpy_state_dict(random_torch_model("mobilenet_v3_small", seed=15)))
@@ -136,7 +130,7 @@ def test_one_image_split_over_two_threads(arch, dtype, monkeypatch):
 
     from npmnv3 import fast
     torch_model = torch_model_for(arch, 11)
-    model = build(arch, torch_model, dtype)
+    model = npmnv3_model(arch, torch_model, dtype)
     rng = np.random.default_rng(4)
     for shape in [(1, 3, 224, 224), (1, 3, 97, 131), (1, 3, 33, 45), (1, 3, 1, 1)]:
         x = rng.standard_normal(shape).astype(dtype)
@@ -195,7 +189,7 @@ def test_one_image_split_backs_off_when_slower(monkeypatch):
     """SPLIT_SLOW split forwards slower than the one-thread average -> SPLIT_BACKOFF on one thread
     (which re-measure it), then split again; the same floats either way."""
     from npmnv3 import fast
-    model = build("mobilenet_v3_small", torch_model_for("mobilenet_v3_small", 11), np.float32)
+    model = npmnv3_model("mobilenet_v3_small", torch_model_for("mobilenet_v3_small", 11), np.float32)
     engine = fast.FastEngine(model)
     monkeypatch.setattr(model, "_engine", engine, raising=False)
     x = np.random.default_rng(5).standard_normal((1, 3, 96, 96)).astype(np.float32)

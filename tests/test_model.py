@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import npmnv3
-from conftest import ARCHS, numpy_state_dict, random_torch_model, record, rel_err, torch_forward
+from conftest import ARCHS, npmnv3_model, random_torch_model, record, rel_err, torch_forward
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -18,12 +18,6 @@ OPTIONS = [
     {"width_mult": 1.25, "num_classes": 7},
 ]
 TOL = {np.float32: 1e-4, np.float64: 1e-10}
-
-
-def build(arch, torch_model, dtype, **options):
-    model = getattr(npmnv3, arch)(dtype=dtype, **options)
-    model.load_state_dict(numpy_state_dict(torch_model))
-    return model
 
 
 def check_agreement(model, torch_model, x, dtype, label):
@@ -50,7 +44,7 @@ def check_path(result, ref_logits, ref_feats, dtype, label):
 @pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("float32", "float64"))
 def test_agrees_with_torchvision_at_224(arch, dtype):
     torch_model = random_torch_model(arch, seed=1)
-    model = build(arch, torch_model, dtype)
+    model = npmnv3_model(arch, torch_model, dtype)
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(dtype)
     logits, ref = check_agreement(model, torch_model, x, dtype, np.dtype(dtype).name)
     # top-5 classes in the same order
@@ -62,7 +56,7 @@ def test_agrees_with_torchvision_at_224(arch, dtype):
 @pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("float32", "float64"))
 def test_agrees_with_torchvision_options_and_odd_sizes(arch, options, dtype):
     torch_model = random_torch_model(arch, seed=2, **options)
-    model = build(arch, torch_model, dtype, **options)
+    model = npmnv3_model(arch, torch_model, dtype, **options)
     rng = np.random.default_rng(3)
     for shape in [(1, 3, 97, 131), (3, 3, 33, 45)]:
         x = rng.standard_normal(shape).astype(dtype)
@@ -90,8 +84,8 @@ def test_tensor_counts():
 
 def test_input_is_cast_and_float64_is_a_reference_mode():
     torch_model = random_torch_model("mobilenet_v3_small", seed=4)
-    m32 = build("mobilenet_v3_small", torch_model, np.float32)
-    m64 = build("mobilenet_v3_small", torch_model, np.float64)
+    m32 = npmnv3_model("mobilenet_v3_small", torch_model, np.float32)
+    m64 = npmnv3_model("mobilenet_v3_small", torch_model, np.float64)
     assert all(v.dtype == np.float64 for v in m64.params.values())
     x = np.random.default_rng(5).standard_normal((1, 3, 64, 64))
     assert m32(x).dtype == np.float32 and m32(x.astype(np.float32)).dtype == np.float32
