@@ -16,6 +16,23 @@ LFS pointer, a gzip file, a bare pickle, or unknown.
 Every read failure, including a missing file, raises
 :class:`npmnv3.errors.WeightsFormatError` naming the file and the reason,
 chained to the underlying exception (``FileNotFoundError`` for a missing file).
+
+Limits
+------
+``.npz`` archives are checked before anything is inflated or allocated:
+
+* the zip directory is bounded as for torch files (``MAX_ZIP_ENTRIES`` and
+  ``MAX_ZIP_DIRECTORY_BYTES`` in :mod:`npmnv3.torchfile`), from its end record
+  before ``zipfile`` parses it;
+* entries are stored or deflated (what ``np.savez`` and ``np.savez_compressed``
+  write), and their declared sizes add up to at most ``MAX_NPZ_RATIO`` (16)
+  times the file's size, or ``SMALL_OUTPUT_BYTES`` (16 MiB) if that is more, and
+  never more than ``MAX_OUTPUT_BYTES`` (4 GiB). Stored archives, like the ones
+  written here, hold exactly their arrays' bytes, and real weights deflate
+  about 1.1:1; a deflate bomb (up to 1032:1) is refused, naming the entry,
+  before it is inflated;
+* each ``.npy`` header's shape and dtype must account for exactly the bytes
+  of its entry before NumPy allocates the array.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -31,7 +49,18 @@ import zipfile
 import numpy as np
 
 from .errors import WeightsFormatError
-from .torchfile import MAX_OUTPUT_BYTES, format_error, looks_like_torchscript, read_torch_file
+from .torchfile import (
+    MAX_OUTPUT_BYTES,
+    SMALL_OUTPUT_BYTES,
+    ZIP_MAGIC,
+    excerpt,
+    exception_text,
+    format_error,
+    is_legacy_torch_file,
+    looks_like_torchscript,
+    read_torch_file,
+    zip_directory_problem,
+)
 
 __all__ = ["save_state_dict", "load_state_dict", "load_metadata", "METADATA_KEY"]
 
@@ -41,8 +70,9 @@ METADATA_KEY = "__metadata__"
 # Array kinds a weights file may hold: bool, signed/unsigned int, float, complex.
 _NUMERIC_KINDS = frozenset("biufc")
 
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local header, or an empty archive
-_LEGACY_TORCH_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+#: The arrays of an .npz may add up to this many times the file's size (see the module docstring).
+MAX_NPZ_RATIO = 16
+
 _SNIFF_BYTES = 1024
 
 
@@ -206,7 +236,7 @@ def _identify(source: str) -> str:
     try:
         with open(source, "rb") as f:
             head = f.read(_SNIFF_BYTES)
-            names = _zip_names(source, f) if head.startswith(_ZIP_MAGIC) else None
+            names = _zip_names(source, f) if head.startswith(ZIP_MAGIC) else None
     except FileNotFoundError as exc:
         raise WeightsFormatError(format_error(source, "no such file")) from exc
     except OSError as exc:
@@ -218,16 +248,19 @@ def _identify(source: str) -> str:
 
 
 def _zip_names(source: str, f) -> list[str]:
-    """Entry names of the zip archive ``f``; a broken archive raises WeightsFormatError."""
-    f.seek(0)
+    """Entry names of the zip archive ``f``; a broken or oversized archive raises WeightsFormatError."""
     try:
-        with zipfile.ZipFile(f) as zf:
-            return zf.namelist()
+        problem = zip_directory_problem(f, os.fstat(f.fileno()).st_size)
+        if problem is None:
+            f.seek(0)
+            with zipfile.ZipFile(f) as zf:
+                return zf.namelist()
     except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - BadZipFile, but also ValueError, EOFError, ...
-        reason = f"corrupt zip archive: {type(exc).__name__}: {exc}"
+        reason = f"corrupt zip archive: {exception_text(exc)}"
         raise WeightsFormatError(format_error(source, reason)) from exc
+    raise WeightsFormatError(format_error(source, problem))
 
 
 def _classify(head: bytes, names: list[str] | None) -> tuple[str, str | None]:
@@ -242,7 +275,7 @@ def _classify(head: bytes, names: list[str] | None) -> tuple[str, str | None]:
         return "", "zip archive that is neither a NumPy .npz nor a torch.save file"
     if not head:
         return "", "file is empty (0 bytes); an interrupted download?"
-    if head[:1] == b"\x80" and _LEGACY_TORCH_MAGIC in head[:32]:
+    if is_legacy_torch_file(head):
         return "torch", None
     return "", _describe_foreign(head)
 
@@ -277,41 +310,101 @@ def _read_npz(source: str, only: str | None = None) -> dict[str, np.ndarray]:
     """Read an .npz archive without pickle; ``only`` reads just that key (if present)."""
     try:
         with open(source, "rb") as f:
-            _check_npz_entries(f, source)
+            size = os.fstat(f.fileno()).st_size
+            problem = zip_directory_problem(f, size)
+            if problem:
+                raise WeightsFormatError(format_error(source, problem))
             f.seek(0)
-            with np.load(f, allow_pickle=False) as npz:
-                keys = [k for k in npz.files if only is None or k == only]
-                return {key: _checked_array(source, key, npz[key]) for key in keys}
+            with zipfile.ZipFile(f) as zf:
+                entries = _check_npz_entries(source, zf.infolist(), size)
+                return {key: _read_npy(source, zf, info, key) for key, info in entries if only in (None, key)}
     except WeightsFormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - every parser failure is a format error
-        reason = f"cannot read .npz archive: {type(exc).__name__}: {exc}"
+        reason = f"cannot read .npz archive: {exception_text(exc)}"
         raise WeightsFormatError(format_error(source, reason)) from exc
 
 
-def _check_npz_entries(f, source: str) -> None:
-    """Zip hygiene for .npz: unique ``*.npy`` names, no encryption, bounded declared size."""
-    with zipfile.ZipFile(f) as zf:
-        infos = zf.infolist()
-    names = [info.filename for info in infos]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise WeightsFormatError(format_error(source, f"zip has duplicate entries named {duplicates[0]!r}"))
-    total = 0
+def _check_npz_entries(source: str, infos, file_size: int) -> list:
+    """Zip hygiene and sizes for .npz, before inflating anything; returns ``[(key, info)]`` in order.
+
+    Unique ``*.npy`` names, no encryption, stored or deflated entries, and
+    declared sizes that add up to at most the limit in the module docstring.
+    """
+
+    def refuse(reason):
+        raise WeightsFormatError(format_error(source, reason))
+
+    limit = min(MAX_OUTPUT_BYTES, max(SMALL_OUTPUT_BYTES, MAX_NPZ_RATIO * file_size))
+    entries, seen = [], set()
+    stored = inflated = 0
     for info in infos:
-        if not info.filename.endswith(".npy"):
-            raise WeightsFormatError(format_error(source, f".npz entry {info.filename!r} is not a .npy array"))
+        name = info.filename
+        if name in seen:
+            refuse(f"zip has duplicate entries named {excerpt(name)}")
+        seen.add(name)
+        if not name.endswith(".npy"):
+            refuse(f".npz entry {excerpt(name)} is not a .npy array")
         if info.flag_bits & 0x1:
-            raise WeightsFormatError(format_error(source, f".npz entry {info.filename!r} is encrypted"))
-        total += info.file_size
-    if total > MAX_OUTPUT_BYTES:
-        raise WeightsFormatError(format_error(source, f".npz declares {total} bytes, over the limit of {MAX_OUTPUT_BYTES}"))
+            refuse(f".npz entry {excerpt(name)} is encrypted")
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            refuse(f".npz entry {excerpt(name)} is stored but declares {info.file_size} bytes in {info.compress_size}")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            refuse(f".npz entry {excerpt(name)} uses zip compression method {info.compress_type} "
+                   "(np.savez stores entries, np.savez_compressed deflates them; nothing else is read)")
+        stored += info.compress_size
+        if stored > file_size:
+            refuse(f".npz entries declare {stored} bytes but the file has only {file_size}")
+        inflated += info.file_size
+        if inflated > limit:
+            ratio = info.file_size / max(1, info.compress_size)
+            refuse(f".npz entry {excerpt(name)} would inflate {info.compress_size} bytes to {info.file_size} "
+                   f"({ratio:.0f}:1), taking the arrays past {limit} bytes, the limit for a file of {file_size} "
+                   f"bytes ({MAX_NPZ_RATIO}x its size, at least {SMALL_OUTPUT_BYTES} and at most {MAX_OUTPUT_BYTES}; "
+                   "a decompression bomb?)")
+        entries.append((name[: -len(".npy")], info))
+    return entries
+
+
+def _read_npy(source: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """Read one ``.npy`` entry, after checking that its header accounts for exactly the entry's bytes."""
+    with zf.open(info) as entry:
+        try:
+            version = np.lib.format.read_magic(entry)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(entry)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(entry)
+            else:  # 3.0 only exists for non-latin-1 field names: structured dtypes
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        except ValueError as exc:
+            raise WeightsFormatError(format_error(source, f"array {excerpt(key)}: {exception_text(exc)}")) from exc
+        if not dtype.hasobject:  # object arrays: np.lib.format.read_array refuses them below
+            _check_npy_size(source, key, shape, dtype, info.file_size - entry.tell())
+        entry.seek(0)
+        return _checked_array(source, key, np.lib.format.read_array(entry, allow_pickle=False))
+
+
+def _check_npy_size(source: str, key: str, shape: tuple, dtype: np.dtype, data_bytes: int) -> None:
+    """Refuse a non-numeric dtype, or a shape and dtype that do not make up ``data_bytes``."""
+    if dtype.kind not in _NUMERIC_KINDS:
+        reason = f"array {excerpt(key)} has dtype {dtype}, not a numeric or bool dtype"
+        raise WeightsFormatError(format_error(source, reason))
+    if any(n < 0 for n in shape):
+        raise WeightsFormatError(format_error(source, f"array {excerpt(key)} has a negative dimension"))
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != data_bytes:
+        shape_text = "x".join(map(str, shape)) if shape else "0-d"
+        raise WeightsFormatError(format_error(
+            source, f"array {excerpt(key)} declares {shape_text} {dtype} ({declared} bytes) but its entry holds "
+                    f"{data_bytes} bytes of data"))
 
 
 def _checked_array(source: str, key: str, array: np.ndarray) -> np.ndarray:
     """Refuse non-numeric arrays; return a C-contiguous, native-order array."""
     if array.dtype.hasobject or array.dtype.kind not in _NUMERIC_KINDS:
-        raise WeightsFormatError(format_error(source, f"array {key!r} has dtype {array.dtype}, not a numeric or bool dtype"))
+        reason = f"array {excerpt(key)} has dtype {array.dtype}, not a numeric or bool dtype"
+        raise WeightsFormatError(format_error(source, reason))
     native = array.dtype.newbyteorder("=")
     if array.dtype != native or not array.flags.c_contiguous:
         array = array.astype(native, order="C")
