@@ -84,7 +84,11 @@ from PIL import Image, ImageOps
 from .errors import ImageError
 
 __all__ = [
+    "DEFAULT_CROP",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_RESIZE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MAX_ASPECT_RATIO",
     "load_image",
     "preprocess",
@@ -101,8 +105,12 @@ MAX_ASPECT_RATIO = 32
 # Image.Resampling exists from Pillow 9.1; the bare constants warn in 9.1-9.3.
 _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ImageNet's per-channel mean and standard deviation, which every torchvision recipe here normalises with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: torchvision's classification recipe by default: resize the short side to 256, centre crop 224.
+DEFAULT_RESIZE = 256
+DEFAULT_CROP = 224
 
 # How many leading bytes of an unrecognised file to quote in the error message.
 _SNIFF_BYTES = 16
@@ -434,10 +442,10 @@ def _resized_size(width: int, height: int, resize_size: int) -> Tuple[int, int]:
 
 def preprocess(
     image: Any,
-    resize_size: int = 256,
-    crop_size: int = 224,
-    mean: Sequence[float] = _IMAGENET_MEAN,
-    std: Sequence[float] = _IMAGENET_STD,
+    resize_size: int = DEFAULT_RESIZE,
+    crop_size: int = DEFAULT_CROP,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     *,
     exif_transpose: bool = False,
     name: Optional[str] = None,

@@ -1,20 +1,18 @@
 """predict(): from images to ImageNet labels; evaluate(): accuracy over a folder of labelled images."""
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageError
-from .images import preprocess
 from .config import ARCHS
+from .errors import ImageError
+from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD, preprocess
 from .imagenet import class_index
 from .model import MobileNetV3
-from .weights import IMAGENET_MEAN, IMAGENET_STD, build
+from .weights import build
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-_MODEL_CACHE = {}
 
 
 def softmax(logits):
@@ -29,22 +27,17 @@ def softmax(logits):
 
 
 def get_model(model="mobilenet_v3_large", weights="DEFAULT", offline=None):
-    """A ``MobileNetV3`` for predict(): ``model`` itself if it is one, else built with ``weights``.
+    """A ``MobileNetV3`` for predict(): ``model`` itself if it is one, else a new one built with ``weights``.
 
-    Models built from official weight names are kept for the next call.
+    Nothing is kept between calls: a name builds the network again (reading and checking its
+    weights file). To classify many images, pass them as one list, or build the model once and
+    pass it as ``model``.
     """
     if isinstance(model, MobileNetV3):
         return model
     if model not in ARCHS:
         raise ValueError(f"model: expected one of {', '.join(ARCHS)} or a MobileNetV3 instance, got {model!r}")
-    cacheable = isinstance(weights, str) and not os.path.exists(weights)
-    key = (model, weights)
-    if cacheable and key in _MODEL_CACHE:
-        return _MODEL_CACHE[key]
-    net = build(model, weights, offline=offline)
-    if cacheable:
-        _MODEL_CACHE[key] = net
-    return net
+    return build(model, weights, offline=offline)
 
 
 def _labels(net):
@@ -56,7 +49,7 @@ def _labels(net):
 
 def _preprocess_kwargs(net):
     meta = net.meta
-    return dict(resize_size=meta.get("resize_size", 256), crop_size=meta.get("crop_size", 224),
+    return dict(resize_size=meta.get("resize_size", DEFAULT_RESIZE), crop_size=meta.get("crop_size", DEFAULT_CROP),
                 mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)))
 
 
@@ -67,7 +60,8 @@ def predict(images, model="mobilenet_v3_large", weights="DEFAULT", topk=5, batch
     images: a path, bytes, a binary file object, a PIL image, an HWC uint8 RGB or HW grey array,
         or a list of any of these (run in batches of ``batch_size``).
     model: "mobilenet_v3_large", "mobilenet_v3_small", or a ``MobileNetV3`` instance (then
-        ``weights`` is ignored and its own preprocessing metadata, if any, is used).
+        ``weights`` is ignored and its own preprocessing metadata, if any, is used). A name builds
+        the network for this call only (see ``get_model``).
     weights: "DEFAULT", an official weights name, or a path (see ``npmnv3.mobilenet_v3_large``).
     topk: how many predictions per image, 1 <= topk <= number of classes.
 

@@ -3,63 +3,76 @@
 MACs count the multiplications of convolutions and linear layers (the SE block's two 1x1 convs
 included), as torchvision's published "GFLOPS" do: a conv costs
 ``H_out * W_out * C_out * (C_in / groups) * kh * kw``, a linear layer ``in * out``.
-BatchNorm, activations, pooling and the residual adds are not counted.
+BatchNorm, activations, pooling, resizing and the residual adds are not counted. Parameters are
+the weights and biases (BatchNorm's weight and bias included, its running statistics not).
 """
 
-from .kernels import conv_output_size
+from .config import BUFFER_KINDS, Block, Conv, Linear, SqueezeExcite
 
 
-def layer_costs(model, input_size=224):
-    """Rows of dicts, one per conv / SE / linear layer, in order.
+def _params(layer):
+    return sum(_numel(shape) for _, shape, kind in layer.parameters() if kind not in BUFFER_KINDS)
 
-    Each row: ``name``, ``feature`` (i of features.i or None), ``kind``, ``output_shape``
-    (C, H, W) or (features,) for one image, ``params`` (its weights incl. BN parameters, not the
-    running statistics), ``macs``.
-    """
-    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def layer_costs(layers, height, width):
+    """Rows ``{name, output_shape, params, macs}`` for a chain of layer records on an (H, W) input,
+    one per record (a Block's sub-layers are summed into its row). Returns (rows, (H, W) after)."""
     rows = []
-    for layer in model.layers:
-        kind, cin, cout = layer["kind"], layer["cin"], layer["cout"]
-        if kind in ("conv", "dwconv"):
-            k, groups = layer["k"], (cin if kind == "dwconv" else 1)
-            height = conv_output_size(height, k, layer["stride"], layer["padding"], layer["dilation"])
-            width = conv_output_size(width, k, layer["stride"], layer["padding"], layer["dilation"])
-            weights = cout * (cin // groups) * k * k
-            params, macs, shape = weights + 2 * cout, weights * height * width, (cout, height, width)
-        elif kind == "se":
-            s = layer["squeeze"]
-            params, macs, shape = 2 * cin * s + s + cin, 2 * cin * s, (cout, height, width)
+    for layer in layers:
+        macs = 0
+        if isinstance(layer, Block):
+            for sub in layer.layers:
+                macs += sub.macs(height, width)
+                if isinstance(sub, Conv):
+                    height, width = sub.output_size(height, width)
+            channels = layer.out_channels
+        elif isinstance(layer, Conv):
+            macs = layer.macs(height, width)
+            height, width = layer.output_size(height, width)
+            channels = layer.out_channels
+        elif isinstance(layer, Linear):
+            macs, channels, height, width = layer.macs(), layer.out_features, None, None
+        elif isinstance(layer, SqueezeExcite):
+            macs, channels = layer.macs(height, width), layer.channels
         else:
-            params, macs, shape = cin * cout + cout, cin * cout, (cout,)
-        rows.append(dict(name=layer["name"], feature=layer["feature"], kind=kind,
-                         output_shape=shape, params=params, macs=macs))
-    return rows
+            raise TypeError(f"not a layer record: {layer!r}")
+        shape = (channels,) if height is None else (channels, height, width)
+        rows.append(dict(name=layer.name, output_shape=shape, params=_params(layer), macs=macs))
+    return rows, (height, width)
 
 
 def summary(model, input_size=224, file=None, print_table=True):
-    """Print and return a table with one row per ``features.i`` and per classifier layer.
+    """Print and return a table with one row per layer record of ``model`` (each ``features.i``, each
+    classifier layer, each head layer of the segmentation and detection models).
 
-    input_size: an int (square) or (H, W). Returns a dict with ``rows`` (name, output shape,
-    params, macs), ``total_params`` and ``total_macs``. Pass ``print_table=False`` to only compute.
+    input_size: an int (square) or (H, W). Returns a dict with ``rows`` (name, output shape, params,
+    macs), ``total_params`` and ``total_macs``. Pass ``print_table=False`` to only compute.
     """
-    rows = []
-    for row in layer_costs(model, input_size):
-        name = f"features.{row['feature']}" if row["feature"] is not None else row["name"]
-        if rows and rows[-1]["name"] == name:
-            rows[-1].update(output_shape=row["output_shape"], params=rows[-1]["params"] + row["params"],
-                            macs=rows[-1]["macs"] + row["macs"])
-        else:
-            rows.append(dict(name=name, output_shape=row["output_shape"], params=row["params"],
-                             macs=row["macs"]))
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+    rows = model.layer_table(height, width)
     total_params = sum(r["params"] for r in rows)
     total_macs = sum(r["macs"] for r in rows)
     if print_table:
-        size = input_size if isinstance(input_size, int) else "x".join(map(str, input_size))
-        lines = [f"{model!r} at input {size}",
-                 f"{'layer':<14}{'output shape':>18}{'params':>12}{'MACs':>15}"]
-        for r in rows:
-            shape = "x".join(map(str, r["output_shape"]))
-            lines.append(f"{r['name']:<14}{shape:>18}{r['params']:>12,}{r['macs']:>15,}")
-        lines.append(f"{'total':<14}{'':>18}{total_params:>12,}{total_macs:>15,}")
-        print("\n".join(lines), file=file)
+        print(format_table(model, rows, total_params, total_macs, f"{height}x{width}"), file=file)
     return dict(rows=rows, total_params=total_params, total_macs=total_macs)
+
+
+def format_table(model, rows, total_params, total_macs, size):
+    """The printed table, columns as wide as their widest entry."""
+    shapes = ["x".join(map(str, r["output_shape"])) for r in rows]
+    cells = [(r["name"], s, f"{r['params']:,}", f"{r['macs']:,}") for r, s in zip(rows, shapes)]
+    cells.append(("total", "", f"{total_params:,}", f"{total_macs:,}"))
+    header = ("layer", "output shape", "params", "MACs")
+    widths = [max(len(c[i]) for c in cells + [header]) for i in range(4)]
+    lines = [f"{model!r} at input {size}"]
+    for row in [header] + cells:
+        lines.append("  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                               for i, cell in enumerate(row)))
+    return "\n".join(lines)

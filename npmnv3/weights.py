@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hub
+from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD
 from .imagenet import categories
 from .model import MobileNetV3
 from .serialization import load_metadata, load_state_dict
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class Weights:
     resize_size: int
     acc1: float
     acc5: float
-    crop_size: int = 224
+    crop_size: int = DEFAULT_CROP
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     num_classes: int = 1000
@@ -99,7 +97,8 @@ def meta_for_file(arch, path):
     """Preprocessing and class names for a weights file given by path.
 
     An official file (recognised by its SHA-256) gets its registry entry; a ``.npz`` written by
-    npmnv3 carries its own metadata; anything else gets ImageNet's defaults (resize 256, crop 224).
+    npmnv3 carries its own metadata; anything else gets torchvision's defaults (``images.DEFAULT_RESIZE``,
+    ``images.DEFAULT_CROP``).
     """
     path = Path(path)
     stored = load_metadata(path)
@@ -112,8 +111,8 @@ def meta_for_file(arch, path):
         for w in OFFICIAL.values():
             if w.sha256 == digest:
                 return w.meta()
-    return dict(arch=arch, weights=str(path), resize_size=256, crop_size=224, mean=list(IMAGENET_MEAN),
-                std=list(IMAGENET_STD), categories=categories())
+    return dict(arch=arch, weights=str(path), resize_size=DEFAULT_RESIZE, crop_size=DEFAULT_CROP,
+                mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), categories=categories())
 
 
 def resolve(arch, weights, offline=None, progress=None):
@@ -148,7 +147,7 @@ def classes_in(state_dict, default=1000):
 
 
 def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=None,
-          dtype="float32", seed=0, offline=None, progress=None):
+          dtype="float32", seed=0, threads=None, offline=None, progress=None):
     """Build ``arch`` and load ``weights`` into it (see ``resolve``); the builders call this.
 
     ``num_classes`` defaults to the weights' classifier size (1000 for the official weights,
@@ -158,7 +157,7 @@ def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=Fal
     if num_classes is None:
         num_classes = classes_in(state_dict)
     model = MobileNetV3(arch, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
-                        num_classes=num_classes, dtype=dtype, seed=seed)
+                        num_classes=num_classes, dtype=dtype, seed=seed, threads=threads)
     if state_dict is not None:
         model.load_state_dict(state_dict)
         if meta.get("categories") is not None and len(meta["categories"]) != model.num_classes:

@@ -13,44 +13,15 @@ def rel_err(got, ref):
 
 
 def random_torch_model(arch, seed=0, **options):
-    """A torchvision MobileNetV3 in eval mode whose weights make every layer matter.
-
-    Conv weights keep torchvision's Kaiming init; BN weight in [0.5, 1.5], BN bias and SE biases
-    random. BatchNorm statistics are then measured on a random batch, so that activations stay
-    O(1) through the depth, and perturbed at random (mean shifted by 0.1 std, var scaled by
-    0.8-1.25) so that they are not the identity. The classifier gets N(0, 1/fan_in) weights and
-    random biases so that logits are O(1) and the top-5 order means something.
-    """
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)(**options)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    with torch.no_grad():
-        for bn in bns:
-            bn.weight.copy_(torch.empty(bn.num_features).uniform_(0.5, 1.5))
-            bn.bias.copy_(0.25 * torch.randn(bn.num_features))
-            bn.momentum = None      # cumulative average: one batch sets the statistics exactly
-            bn.reset_running_stats()
-        for name, p in model.named_parameters():
-            if ".fc1.bias" in name or ".fc2.bias" in name:
-                p.normal_(0.0, 0.5)
-        for linear in (model.classifier[0], model.classifier[3]):
-            linear.weight.normal_(0.0, linear.in_features ** -0.5)
-            linear.bias.normal_(0.0, 0.5)
-        model.train()
-        model(torch.randn(8, 3, 64, 64))
-        model.eval()
-        for bn in bns:
-            c = bn.num_features
-            bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn(c)
-            bn.running_var *= torch.empty(c).uniform_(0.8, 1.25)
-            bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
-    return model
+    """torchref.random_model, skipping the test when torch is not installed."""
+    pytest.importorskip("torch")
+    import torchref
+    return torchref.random_model(arch, seed, **options)
 
 
 def numpy_state_dict(torch_model):
-    return {k: v.detach().cpu().numpy().copy() for k, v in torch_model.state_dict().items()}
+    import torchref
+    return torchref.numpy_state_dict(torch_model)
 
 
 def npmnv3_model(arch, torch_model, dtype, **options):
@@ -63,19 +34,11 @@ def npmnv3_model(arch, torch_model, dtype, **options):
 
 def torch_forward(torch_model, x, dtype=np.float32):
     """Logits and every features.i output of the torchvision model, as numpy arrays."""
-    import torch
-    model = torch_model.double() if dtype == np.float64 else torch_model.float()
-    feats = {}
-    with torch.no_grad():
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype))
-        for i, layer in enumerate(model.features):
-            t = layer(t)
-            feats[f"features.{i}"] = t.numpy().copy()
-        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype))).numpy()
-    return logits, feats
+    import torchref
+    return torchref.features_and_logits(torch_model, x, dtype)
 
 
-# Worst agreement errors seen in this run, printed at the end (the issue notes quote them).
+# The worst agreement errors seen in this run, printed at the end of the test session.
 WORST = {}
 
 

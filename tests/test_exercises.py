@@ -40,7 +40,7 @@ def test_reference_kernels_pass_other_seeds(kernel, seed):
     assert check(kernel, getattr(K, kernel), seed=seed)
 
 
-def test_cases_cover_what_the_issue_asks():
+def test_cases_cover_strides_dilations_kernel_sizes_batches_and_dtypes():
     cases = ex._conv2d_cases(0)
     assert {c.kwargs["stride"] for c in cases} == {1, 2}
     assert {c.kwargs["dilation"] for c in cases} == {1, 2}

@@ -22,9 +22,10 @@ def test_ci_runs_readme_test_command_verbatim():
     assert test_job in ci
 
 
-def test_runtime_dependencies_are_numpy_and_pillow_only():
+def test_runtime_dependencies_are_numpy_pillow_and_threadpoolctl():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert sorted(re.split(r"[<>=!~ ]", d)[0].lower() for d in project["dependencies"]) == ["numpy", "pillow"]
+    names = sorted(re.split(r"[<>=!~ ]", d)[0].lower() for d in project["dependencies"])
+    assert names == ["numpy", "pillow", "threadpoolctl"]
     dev = " ".join(project["optional-dependencies"]["dev"])
     assert "torch" in dev and "torchvision" in dev
 

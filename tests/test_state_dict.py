@@ -26,11 +26,16 @@ def test_state_dict_is_a_copy():
 
 
 def test_num_batches_tracked_is_optional_and_ignored():
-    model = npmnv3.mobilenet_v3_small()
-    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    model.load_state_dict(sd)
+    source = npmnv3.mobilenet_v3_small(seed=1)
+    sd = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    model = npmnv3.mobilenet_v3_small(seed=2)
+    model.load_state_dict(sd)                       # strict, and no counters: loads
     sd["features.0.1.num_batches_tracked"] = np.array(12345, np.int64)
-    model.load_state_dict(sd)
+    model.load_state_dict(sd)                       # a counter of any value: loads, and is not kept
+    for key, value in source.params.items():
+        np.testing.assert_array_equal(model.params[key], value)
+    assert "features.0.1.num_batches_tracked" not in model.params
+    assert model.state_dict()["features.0.1.num_batches_tracked"] == 0
 
 
 def test_one_error_lists_every_problem():

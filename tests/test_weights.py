@@ -178,17 +178,22 @@ def test_convert_pth_to_npz(tmp_path, float16):
 def test_convert_fetches_official_weights(tmp_path, mirror):
     torch_model = random_torch_model("mobilenet_v3_small", seed=25)
     mirror("mobilenet_v3_small", "IMAGENET1K_V1", torch_model)
-    env = {k: os.environ[k] for k in ("NPMNV3_WEIGHTS_URL", "NPMNV3_HOME", "TORCH_HOME")}
-    run = run_convert("--arch", "mobilenet_v3_small", "--weights", "DEFAULT", tmp_path / "o.npz", "--no-check", env=env)
-    assert run.returncode != 0     # the subprocess sees the real registry: the hash of our stand-in file fails
-    assert "SHA-256" in run.stderr and "weights_convert: error: cannot fetch mobilenet_v3_small-047dcff4.pth" in run.stderr
-    # in-process, with the stand-in registered, it converts
     import importlib.util
     spec = importlib.util.spec_from_file_location("weights_convert", ROOT / "weights_convert.py")
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)
     assert convert.main(["--arch", "mobilenet_v3_small", "--weights", "DEFAULT", str(tmp_path / "o.npz")]) == 0
     assert npmnv3.mobilenet_v3_small(weights=tmp_path / "o.npz").meta["weights"] == "IMAGENET1K_V1"
+    assert len(_Handler.requests) == 1
+
+
+def test_convert_says_where_official_weights_were_expected_offline(tmp_path):
+    env = {"NPMNV3_OFFLINE": "1", "NPMNV3_HOME": str(tmp_path / "cache"), "TORCH_HOME": str(tmp_path / "torch")}
+    run = run_convert("--arch", "mobilenet_v3_small", "--weights", "DEFAULT", tmp_path / "o.npz", "--no-check", env=env)
+    assert run.returncode == 1
+    assert run.stderr.startswith("weights_convert: error: cannot fetch mobilenet_v3_small-047dcff4.pth")
+    assert str(tmp_path / "cache" / "mobilenet_v3_small-047dcff4.pth") in run.stderr
+    assert not (tmp_path / "o.npz").exists()
 
 
 def test_convert_errors(tmp_path):

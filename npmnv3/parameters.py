@@ -1,0 +1,125 @@
+"""A network's parameters by torchvision's state_dict names, as read-only NumPy arrays.
+
+Every npmnv3 network keeps its weights in a ``Parameters`` mapping built from its layer records
+(``config.Conv``, ``config.Block``, ...): ``model.params["features.0.0.weight"]`` is an array of
+the model's dtype that cannot be written to. The only way to change parameters is
+``model.load_state_dict(...)``, which replaces the arrays and bumps ``version``; the fast engine
+compares ``version`` with the one it was prepared from, so it never runs on stale weights.
+
+BatchNorm's ``num_batches_tracked`` counters are part of the state_dict (0-d int64, as torchvision
+writes them) but play no part at inference: they are not stored, are optional when loading, and
+come back as zeros from ``state_dict()``.
+"""
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+
+from .errors import StateDictError
+
+
+def _is_counter(key):
+    return key.endswith("num_batches_tracked")
+
+
+def random_value(shape, kind, rng, conv_std=None):
+    """One parameter initialised as torchvision initialises MobileNetV3 (float64).
+
+    conv: Kaiming normal in fan-out mode, std = sqrt(2 / (out_channels * kh * kw)) (or ``conv_std``);
+    linear: N(0, 0.01); BatchNorm weight and running variance ("var"): ones; biases and running
+    means ("mean"): zeros.
+    """
+    if kind == "conv":
+        std = np.sqrt(2.0 / (shape[0] * shape[2] * shape[3])) if conv_std is None else conv_std
+        return rng.normal(0.0, std, shape)
+    if kind == "linear":
+        return rng.normal(0.0, 0.01, shape)
+    return np.ones(shape) if kind in ("ones", "var") else np.zeros(shape)
+
+
+class Parameters(Mapping):
+    """Read-only parameter arrays named by torchvision's state_dict keys.
+
+    Parameters
+    ----------
+    specs : list of (key, shape, kind)
+        What the network holds, in state_dict order (``config.parameter_list(layers)``).
+    dtype : numpy dtype
+        float32 or float64; every array is kept in it.
+    seed : int
+        Seed of the random initialisation (``random_value``).
+    owner : str
+        How error messages name the network, e.g. ``"MobileNetV3('mobilenet_v3_small', ...)"``.
+    conv_std : float or None
+        Standard deviation of conv weights instead of Kaiming's (SSDLite initialises with 0.03).
+    """
+
+    def __init__(self, specs, dtype, seed=0, owner="the model", conv_std=None):
+        self.dtype = np.dtype(dtype)
+        self.owner = owner
+        self.shapes = OrderedDict((key, tuple(shape)) for key, shape, _ in specs)
+        self.version = 0
+        rng = np.random.default_rng(seed)
+        self._arrays = OrderedDict()
+        for key, shape, kind in specs:
+            if not _is_counter(key):
+                self._arrays[key] = self._frozen(random_value(shape, kind, rng, conv_std))
+
+    def _frozen(self, value):
+        array = np.array(value, dtype=self.dtype, copy=True)
+        array.flags.writeable = False
+        return array
+
+    def __getitem__(self, key):
+        return self._arrays[key]
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self):
+        return len(self._arrays)
+
+    def __setitem__(self, key, value):
+        raise TypeError("parameters are read-only; change them with model.load_state_dict({key: array}, "
+                        "strict=False)")
+
+    def state_dict(self):
+        """torchvision's state_dict: every key in order, as new writable arrays (counters: 0-d int64 zeros)."""
+        return OrderedDict((key, np.zeros((), np.int64) if _is_counter(key) else self._arrays[key].copy())
+                           for key in self.shapes)
+
+    def problems(self, state_dict, strict=True):
+        """The lines of the error ``load`` would raise for ``state_dict`` (empty when it fits)."""
+        problems = []
+        missing = [k for k in self.shapes if not _is_counter(k) and k not in state_dict]
+        unexpected = [k for k in state_dict if k not in self.shapes]
+        if strict and missing:
+            problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(map(str, unexpected)))
+        wrong = []
+        for key, shape in self.shapes.items():
+            if key in state_dict and not _is_counter(key):
+                value = np.asarray(state_dict[key])
+                if value.shape != shape:
+                    wrong.append(f"{key}: expected {shape}, got {value.shape}")
+                elif not np.issubdtype(value.dtype, np.number):
+                    wrong.append(f"{key}: expected a numeric array, got dtype {value.dtype}")
+        if wrong:
+            problems.append(f"mis-shaped keys ({len(wrong)}): " + "; ".join(wrong))
+        return problems
+
+    def load(self, state_dict, strict=True):
+        """Replace parameters by those of ``state_dict`` (cast to ``dtype``), all or nothing.
+
+        Raises ``StateDictError`` once, listing every missing, unexpected and mis-shaped key; with
+        ``strict=False`` missing and unexpected keys are allowed (as in PyTorch), mis-shaped ones never.
+        """
+        problems = self.problems(state_dict, strict)
+        if problems:
+            raise StateDictError(f"state_dict does not fit {self.owner}:\n  " + "\n  ".join(problems))
+        for key in self._arrays:
+            if key in state_dict:
+                self._arrays[key] = self._frozen(state_dict[key])
+        self.version += 1

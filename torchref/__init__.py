@@ -1,0 +1,64 @@
+"""torchvision reference models for npmnv3's tests, notebooks and benchmarks (needs torch).
+
+npmnv3 itself never imports torch; this package is what the comparisons run on the torch side:
+torchvision's own networks with random weights under which every layer matters, and helpers to
+run them and to hand their weights to npmnv3.
+"""
+
+import numpy as np
+import torch
+import torchvision
+
+
+def random_model(arch, seed=0, **options):
+    """A torchvision MobileNetV3 (``arch``: "mobilenet_v3_large" or "mobilenet_v3_small") in eval mode,
+    with random weights that make every layer matter.
+
+    Conv weights keep torchvision's Kaiming init; BN weight in [0.5, 1.5], BN bias and SE biases
+    random. BatchNorm statistics are then measured on a random batch, so that activations stay
+    O(1) through the depth, and perturbed at random (mean shifted by 0.1 std, var scaled by
+    0.8-1.25) so that they are not the identity. The classifier gets N(0, 1/fan_in) weights and
+    random biases so that logits are O(1) and the top-5 order means something.
+    """
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)(**options)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(torch.empty(bn.num_features).uniform_(0.5, 1.5))
+            bn.bias.copy_(0.25 * torch.randn(bn.num_features))
+            bn.momentum = None      # cumulative average: one batch sets the statistics exactly
+            bn.reset_running_stats()
+        for name, p in model.named_parameters():
+            if ".fc1.bias" in name or ".fc2.bias" in name:
+                p.normal_(0.0, 0.5)
+        for linear in (model.classifier[0], model.classifier[3]):
+            linear.weight.normal_(0.0, linear.in_features ** -0.5)
+            linear.bias.normal_(0.0, 0.5)
+        model.train()
+        model(torch.randn(8, 3, 64, 64))
+        model.eval()
+        for bn in bns:
+            c = bn.num_features
+            bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn(c)
+            bn.running_var *= torch.empty(c).uniform_(0.8, 1.25)
+            bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+    return model
+
+
+def numpy_state_dict(model):
+    """The model's state_dict as NumPy arrays (copies)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def features_and_logits(model, x, dtype=np.float32):
+    """(logits, {"features.i": output}) of a torchvision MobileNetV3 on NCHW ``x``, as NumPy arrays."""
+    model = model.double() if np.dtype(dtype) == np.float64 else model.float()
+    feats = {}
+    with torch.no_grad():
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype))
+        for i, layer in enumerate(model.features):
+            t = layer(t)
+            feats[f"features.{i}"] = t.numpy().copy()
+        logits = model.classifier(torch.flatten(model.avgpool(t), 1)).numpy()
+    return logits, feats
