@@ -365,28 +365,41 @@ def fetch(filename: str, sha256: str, size: int, *,
           timeout: float = 30.0) -> Path:
     """Return the path of a local copy of ``filename`` whose size and SHA-256 match.
 
-    Args:
-        filename: plain file name, e.g. ``"mobilenet_v3_large-5c1a4163.pth"``.
-        sha256: the full expected SHA-256 (64 hex digits).
-        size: the expected size in bytes.
-        base_url: where to download from; default ``$NPMNV3_WEIGHTS_URL``, else
-            :data:`DEFAULT_BASE_URL`. The file name is appended.
-        directory: cache folder to use instead of :func:`cache_dir`.
-        offline: True forbids the network; None means ``$NPMNV3_OFFLINE == "1"``.
-        progress: None shows a bar on stderr only when stderr is a terminal;
-            True / False force it on / off; a callable receives ``(done, total)``
-            byte counts after each chunk.
-        timeout: socket timeout in seconds, for connecting and for each read (not a
-            limit on the whole download).
+    Parameters
+    ----------
+    filename : str
+        Plain file name, e.g. ``"mobilenet_v3_large-5c1a4163.pth"``.
+    sha256 : str
+        The full expected SHA-256 (64 hex digits).
+    size : int
+        The expected size in bytes.
+    base_url : str, optional
+        Where to download from; default ``$NPMNV3_WEIGHTS_URL``, else :data:`DEFAULT_BASE_URL`.
+        The file name is appended.
+    directory : path, optional
+        Cache folder to use instead of :func:`cache_dir`.
+    offline : bool or None
+        True forbids the network; None means ``$NPMNV3_OFFLINE == "1"``.
+    progress : None, bool or callable
+        None shows a bar on stderr only when stderr is a terminal; True / False force it on / off;
+        a callable receives ``(done, total)`` byte counts after each chunk.
+    timeout : float
+        Socket timeout in seconds, for connecting and for each read (not a limit on the whole
+        download).
 
-    Returns:
-        The verified file: in the cache folder, or in torch's hub cache when a
-        matching file is already there (returned in place, not copied).
+    Returns
+    -------
+    path : Path
+        The verified file: in the cache folder, or in torch's hub cache when a matching file is
+        already there (returned in place, not copied).
 
-    Raises:
-        DownloadError: the file is not available and cannot be downloaded; the
-            message says why and where to put the file by hand.
-        ValueError: the arguments are malformed.
+    Raises
+    ------
+    DownloadError
+        The file is not available and cannot be downloaded; the message says why and where to put
+        the file by hand.
+    ValueError
+        The arguments are malformed.
     """
     sha256 = _check_args(filename, sha256, size)
     folder = Path(directory).expanduser() if directory is not None else cache_dir()

@@ -76,30 +76,36 @@ MAX_NPZ_RATIO = 16
 _SNIFF_BYTES = 1024
 
 
-# --------------------------------------------------------------------------
-# Saving
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- saving
 
 
 def save_state_dict(state_dict, path, metadata=None) -> None:
     """Write ``state_dict`` (str -> array) to ``path`` as an uncompressed ``.npz``, atomically.
 
-    Args:
-        state_dict: a mapping of non-empty str keys to arrays (anything
-            ``np.asarray`` accepts) of bool or numeric dtype.
-        path: the exact destination (no ``.npz`` is appended).
-        metadata: optional JSON-serialisable mapping, stored as UTF-8 JSON in a
-            ``uint8`` array under ``"__metadata__"``.
+    Parameters
+    ----------
+    state_dict : mapping
+        Non-empty str keys to arrays (anything ``np.asarray`` accepts) of bool or numeric dtype.
+    path : path
+        The exact destination (no ``.npz`` is appended).
+    metadata : mapping, optional
+        JSON-serialisable; stored as UTF-8 JSON in a ``uint8`` array under ``"__metadata__"``.
 
-    The archive is written through an open file object to a temporary file in
-    the destination's folder, flushed and fsynced, then moved into place with
-    ``os.replace``. On any failure, KeyboardInterrupt included, the temporary
-    file is removed and an existing file at ``path`` is left untouched.
+    Raises
+    ------
+    TypeError
+        state_dict or metadata has the wrong type.
+    ValueError
+        A key is empty or reserved, or an array is not numeric or bool.
+    OSError
+        The file cannot be written.
 
-    Raises:
-        TypeError: state_dict or metadata has the wrong type.
-        ValueError: a key is empty or reserved, or an array is not numeric/bool.
-        OSError: the file cannot be written.
+    Notes
+    -----
+    The archive is written through an open file object to a temporary file in the destination's
+    folder, flushed and fsynced, then moved into place with ``os.replace``. On any failure,
+    KeyboardInterrupt included, the temporary file is removed and an existing file at ``path`` is
+    left untouched.
     """
     arrays = _prepare_arrays(state_dict)
     if metadata is not None:
@@ -182,22 +188,24 @@ def fsync_folder(folder) -> None:
         os.close(fd)
 
 
-# --------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- loading
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
     """Read a state dict from an ``.npz`` or ``torch.save`` file, recognised by content.
 
-    Returns a dict of C-contiguous, native-byte-order arrays in file order
-    (the ``__metadata__`` entry excluded). Never unpickles anything except
-    through :func:`npmnv3.torchfile.read_torch_file`'s allowlist.
+    Never unpickles anything except through :func:`npmnv3.torchfile.read_torch_file`'s allowlist.
 
-    Raises:
-        WeightsFormatError: the file is missing (chained to FileNotFoundError),
-            unreadable, not a weights file, or malformed; the message names the
-            file and the reason.
+    Returns
+    -------
+    arrays : dict
+        C-contiguous, native-byte-order arrays in file order (the ``__metadata__`` entry excluded).
+
+    Raises
+    ------
+    WeightsFormatError
+        The file is missing (chained to FileNotFoundError), unreadable, not a weights file, or
+        malformed; the message names the file and the reason.
     """
     source = os.fspath(path)
     if _identify(source) == "torch":
@@ -267,7 +275,8 @@ def _classify(head: bytes, names: list[str] | None) -> tuple[str, str | None]:
     """Decide what a file is from its first bytes (and zip entry names): (kind, refusal reason)."""
     if names is not None:
         if looks_like_torchscript(names):
-            return "", "this is a TorchScript archive (torch.jit.save), not a state dict; save model.state_dict() instead"
+            return "", ("this is a TorchScript archive (torch.jit.save), not a state dict; "
+                        "save model.state_dict() instead")
         if any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
             return "torch", None
         if names and all(n.endswith(".npy") for n in names):

@@ -86,9 +86,7 @@ from .errors import WeightsFormatError
 
 __all__ = ["read_torch_file"]
 
-# --------------------------------------------------------------------------
-# Limits (see the module docstring)
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- limits (see the module docstring)
 
 #: Largest pickle accepted: data.pkl, or a legacy file's five pickles together.
 MAX_PICKLE_BYTES = 4 * 2**20
@@ -110,9 +108,7 @@ MAX_OUTPUT_BYTES = 4 * 2**30
 #: Sizes, strides, offsets and element counts are int64 in torch.
 _INT64_MAX = 2**63 - 1
 
-# --------------------------------------------------------------------------
-# Recognising the two layouts (serialization.py sniffs with these too)
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- recognising the layouts
 
 #: First bytes of a zip archive: a local file header, or the end record of an empty archive.
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -257,9 +253,7 @@ def _check_count(value, what: str) -> int:
     return value
 
 
-# --------------------------------------------------------------------------
-# Stand-ins handed out by find_class
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- stand-ins handed out by find_class
 
 
 class _StandIn:
@@ -522,9 +516,7 @@ def _lookup_global(module, name) -> _StandIn:
     return standin
 
 
-# --------------------------------------------------------------------------
-# Pickle scanning and restricted unpickling
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- scanning and unpickling
 
 # Opcodes that push one value holding no container (a stand-in, for GLOBAL).
 _PUSH_LEAF = frozenset(
@@ -761,9 +753,7 @@ class _StorageTable:
         return ref
 
 
-# --------------------------------------------------------------------------
-# Choosing the state dict and materialising arrays
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- the state dict and its arrays
 
 
 def _select_state_dict(obj) -> dict:
@@ -855,9 +845,7 @@ def _materialize_all(state: dict, storage_bytes, big_endian: bool) -> dict[str, 
     return out
 
 
-# --------------------------------------------------------------------------
-# Zip format
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- zip format
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
 _ZIP64_LOCATOR = struct.Struct("<4sLQL")
@@ -1013,9 +1001,7 @@ def _read_zip(f, source_size: int) -> dict[str, np.ndarray]:
         return _materialize_all(state, storage_bytes, big_endian)
 
 
-# --------------------------------------------------------------------------
-# Legacy format
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- legacy format
 
 
 def _read_legacy(f, file_size: int) -> dict[str, np.ndarray]:
@@ -1088,30 +1074,31 @@ def _read_legacy_pickles(f, file_size: int):
     return state, storages, keys, pos
 
 
-# --------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------
+# --------------------------------------------------------------------------- entry point
 
 
 def read_torch_file(path) -> dict[str, np.ndarray]:
     """Read the tensors of a ``torch.save`` file as NumPy arrays, without torch.
 
-    Args:
-        path: a path (str or ``os.PathLike``) to a file written by ``torch.save``
-            in the zip format or the legacy format. The saved object must be a
-            flat mapping of ``str`` to tensors (a ``state_dict()``), or a dict
-            holding one under ``'state_dict'`` or ``'model'``.
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by ``torch.save`` in the zip format or the legacy format. The saved object
+        must be a flat mapping of ``str`` to tensors (a ``state_dict()``), or a dict holding one
+        under ``'state_dict'`` or ``'model'``.
 
-    Returns:
-        A dict, in file order, of new C-contiguous arrays that own their data.
-        dtypes follow the storage: float32/64/16, int64/32/16/8, uint8, bool;
-        bfloat16 is widened exactly to float32. Big-endian zip files are
-        byte-swapped to native order.
+    Returns
+    -------
+    arrays : dict
+        In file order, new C-contiguous arrays that own their data. dtypes follow the storage:
+        float32/64/16, int64/32/16/8, uint8, bool; bfloat16 is widened exactly to float32.
+        Big-endian zip files are byte-swapped to native order.
 
-    Raises:
-        WeightsFormatError: the file is missing, unreadable, malformed, hostile,
-            beyond the limits in the module docstring, or not a torch.save
-            file; the message names the file and the reason.
+    Raises
+    ------
+    WeightsFormatError
+        The file is missing, unreadable, malformed, hostile, beyond the limits in the module
+        docstring, or not a torch.save file; the message names the file and the reason.
     """
     source = os.fspath(path)
     try:

@@ -12,15 +12,15 @@ every other argument is read-only and passed whole to each band (weights, bias r
 [cut_b, cut_b+1) of every call in the group, in order), as long as nothing a band writes may
 share memory with what another band reads or writes (checked with ``np.shares_memory``): a
 depthwise convolution, whose windows read rows on both sides of the cut that the layer before
-wrote, starts a new group, and so does a call that is not cut. Groups estimated cheaper than ``MIN_GROUP_US`` stay serial, since a
-handoff between threads costs tens of microseconds.
+wrote, starts a new group, and so does a call that is not cut. Groups estimated cheaper than
+``MIN_GROUP_US`` stay serial, since a handoff between threads costs tens of microseconds.
 
-``run_steps`` runs the steps in order on the calling thread and, when asked for more threads,
-helper threads started for this one run: each group's bands are taken one at a time from a shared
+``run_steps`` runs the steps in order on the calling thread and, when asked for more threads, on
+one helper thread started for this run: each group's bands are taken one at a time from a shared
 iterator, by whichever thread is free (work stealing), so a late helper never holds the caller
-up; the caller waits only for bands a helper has started. The same bands run whoever runs them,
-so the floats do not depend on the timing. Helpers are joined before ``run_steps`` returns, also
-when a call raises (the first exception is re-raised in the caller).
+up; the caller waits only for a band the helper has started. The same bands run whoever runs
+them, so the floats do not depend on the timing. The helper is joined before ``run_steps``
+returns, also when a call raises (the first exception is re-raised in the caller).
 """
 
 import threading
