@@ -189,19 +189,19 @@ def test_blas_threads_are_restored_after_a_forward_and_after_a_failing_one(monke
     model = npmnv3.mobilenet_v3_small(threads=2)
     x = np.random.default_rng(6).standard_normal((3, 3, 64, 64)).astype(np.float32)
     seen = []
-    real = plan_module._classify
+    real = plan_module._linear
 
     def spy(*args):
         seen.append(blas_thread_counts())
         real(*args)
-    monkeypatch.setattr(plan_module, "_classify", spy)
+    monkeypatch.setattr(plan_module, "_linear", spy)
     model(x)
     assert seen and all(counts == [1] * len(counts) for counts in seen)     # held at 1 during the pass
     assert blas_thread_counts() == before
 
     def fail(*args):
         raise RuntimeError("a layer failed")
-    monkeypatch.setattr(plan_module, "_classify", fail)
+    monkeypatch.setattr(plan_module, "_linear", fail)
     for shape in [(3, 3, 48, 48), (1, 3, 48, 48)]:
         with pytest.raises(RuntimeError, match="a layer failed"):
             npmnv3.mobilenet_v3_small(threads=2)(np.zeros(shape, np.float32))

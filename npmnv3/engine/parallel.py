@@ -45,7 +45,7 @@ class Call:
         The arguments that hold rows of a map: ``argument`` is a position in ``args`` or a keyword;
         cutting the call to spatial rows [lo, hi) slices that argument to [lo * unit, hi * unit)
         along ``axis``; ``writes`` says whether the call writes it. Empty: the call cannot be cut.
-        Arguments not listed must be read-only.
+        Arguments not listed are passed whole to every band and must only be read by it.
     rows : int
         The number of spatial rows the call covers (with ``cuts``).
     cost : float
@@ -76,11 +76,13 @@ class Call:
         return Call(self.fn, *args, cuts=self.cuts, cost=self.cost * (hi - lo) / max(self.rows, 1), **kwargs)
 
     def cut_arrays(self):
-        """(written, read): the arrays this call's cuts slice."""
-        def value(arg):
-            return self.args[arg] if isinstance(arg, int) else self.kwargs[arg]
-        return ([value(arg) for arg, _, _, writes in self.cuts if writes],
-                [value(arg) for arg, _, _, writes in self.cuts if not writes])
+        """(written, read): the arrays this call writes (cut ones marked so) and reads (the other cut
+        ones, and every array passed whole)."""
+        values = dict(enumerate(self.args), **self.kwargs)
+        cut = {arg: writes for arg, _, _, writes in self.cuts}
+        written = [values[arg] for arg, writes in cut.items() if writes]
+        read = [v for arg, v in values.items() if isinstance(v, np.ndarray) and not cut.get(arg, False)]
+        return written, read
 
 
 class Group:

@@ -143,18 +143,12 @@ def _se_gate(d3, w1, b1, w2, b2, mean_vec, mean, z, gate):
     np.clip(gate, 0, 1, out=gate)
 
 
-def _classify(mean_vec, head, layers, buffers):
-    """Pooling (a matrix-vector product per image), then each (W, b, activation) of the classifier;
-    ``buffers``: (pooled (n, 1, C), then per layer its output and a scratch array)."""
-    pooled, outputs = buffers[0], buffers[1:]
-    np.matmul(mean_vec, head, out=pooled)
-    z = pooled[:, 0]
-    for (w, b, act), (y, tmp) in zip(layers, outputs):
-        np.matmul(z, w, out=y)
-        y += b
-        if act == "HS":
-            F.hard_swish6(y, tmp, y)
-        z = y
+def _linear(x, weight, bias, act, tmp, out):
+    """out = act(x @ weight + bias) for the classifier; ``tmp`` is scratch of out's shape."""
+    np.matmul(x, weight, out=out)
+    out += bias
+    if act == "HS":
+        F.hard_swish6(out, tmp, out)
 
 
 class Plan:
@@ -445,19 +439,24 @@ class Plan:
             self._gemm(d, proj_w, out, wo)
 
     def _classifier(self, x, classifier):
-        """Pooling and the Linear layers, into a (n, classes) buffer."""
+        """Pooling (a matrix-vector product per image) and the Linear layers, into an (n, classes) buffer.
+
+        One image's pooling and layers are cut by output columns (reading a 5 MB weight in two
+        halves on two cores takes half as long); each needs all of the previous one's output."""
         n, h, w, c = x.x.shape
-        head = x.x.reshape(n, h * w, c)
-        layers, scale = [], x.scale
-        buffers = [self.arena.get("pooled", (n, 1, c))]
+        pooled = self.arena.get("pooled", (n, 1, c))
+        self._add(np.matmul, self._mean_vector(h * w), x.x.reshape(n, h * w, c), out=pooled,
+                  cuts=[(1, 2, 1, False), ("out", 2, 1, True)], rows=c, cost=_pass_cost(h * w * c))
+        z, scale = pooled[:, 0], x.scale
         for k, layer in enumerate(classifier):
             weight, bias = self.prep.linear(layer, in_scale=scale)
-            layers.append((weight, bias, layer.activation))
-            scale = F.HS_SCALE if layer.activation == "HS" else 1.0
             shape = (n, layer.out_features)
-            buffers.append((self.arena.get(f"classifier.{k}", shape), self.arena.get(f"classifier.{k}.tmp", shape)))
-        self._add(_classify, self._mean_vector(h * w), head, layers, buffers)
-        return buffers[-1][0]
+            y, tmp = self.arena.get(f"classifier.{k}", shape), self.arena.get(f"classifier.{k}.tmp", shape)
+            self._add(_linear, z, weight, bias, layer.activation, tmp, y,
+                      cuts=[(1, 1, 1, False), (2, 0, 1, False), (4, 1, 1, True), (5, 1, 1, True)],
+                      rows=layer.out_features, cost=_pass_cost(weight.size))
+            z, scale = y, (F.HS_SCALE if layer.activation == "HS" else 1.0)
+        return z
 
     def _mean_vector(self, positions):
         """A (1, positions) row of 1 / positions (its own aligned buffer)."""
