@@ -140,7 +140,7 @@ def _se_gate(d3, w1, b1, w2, b2, mean_vec, mean, z, gate):
     F.relu(z, z)
     np.matmul(z, w2, out=gate)
     gate += b2
-    np.clip(gate, 0, 1, out=gate)
+    F.clip(gate, 0, 1, out=gate)
 
 
 def _linear(x, weight, bias, act, tmp, out):
