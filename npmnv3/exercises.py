@@ -1,13 +1,18 @@
 """Exercises: write MobileNetV3's kernels yourself and have them checked against the reference.
 
-For each kernel there is a stub with the reference's signature and a docstring giving the shapes and
-the formula (its body raises ``NotImplementedError``), and a checker::
+For each kernel, and for the bneck block built from them, there is a stub with the reference's
+signature and a docstring giving the shapes and the formula (its body raises ``NotImplementedError``),
+and a checker::
 
     conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1)      check_conv2d(fn)
     depthwise_conv2d(x, weight, stride=1, padding=0, dilation=1)       check_depthwise_conv2d(fn)
     batch_norm(x, running_mean, running_var, weight, bias, eps=0.001)  check_batch_norm(fn)
     hard_swish(x)                                                      check_hard_swish(fn)
     squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)      check_squeeze_excite(fn)
+    bneck(x, block, params)                                            check_bneck(fn)
+
+``bneck`` takes a ``config.Block`` record and a dict of its weights by state_dict key, as
+``npmnv3.model.bneck`` does.
 
 Write a function with the same signature (in a notebook, see ``notebooks/07_exercises.ipynb``, or
 in a file of your own) and pass the function itself to the checker::
@@ -24,40 +29,52 @@ numbers, never the shapes): odd and unequal heights and widths, batch 1 and 3, f
 and whatever the kernel makes tricky -- stride 1 and 2, kernel 1, 3 and 5, dilation 1 and 2, padding
 0 up to more than the kernel's half width for the convolutions; running variances smaller than eps
 for batch norm; inputs on and right beside the kinks at -3, 0 and 3 for hard-swish; non-zero
-biases everywhere. It compares each output with ``npmnv3.kernels`` evaluated in float64 on the same
-inputs and stops at the first failing case, printing (unless ``verbose=False``) and returning a
-:class:`CheckResult` that says what failed:
+biases everywhere; for the bneck, blocks with and without expand conv and SE, ReLU and hard-swish,
+with and without residual, and a dilated block. It compares each output with ``npmnv3.kernels``
+(``npmnv3.model.bneck`` for the block) evaluated in float64 on the same inputs and stops at the
+first failing case, printing (unless ``verbose=False``) and returning a :class:`CheckResult` that
+says what failed:
 
-* the case: its parameters, the input shapes and the exact call made;
+* the case: its parameters, the input shapes and the exact call made (for the bneck, the block's
+  steps with the shape each one gives);
 * an exception raised by your function, with the line it came from (``NotImplementedError`` is
   reported as "not implemented yet");
 * a return value that is not a numpy array (``None``: a missing ``return``);
-* an input your function changed in place (each call gets fresh copies, and the copies are compared
-  with the originals afterwards, so this cannot go unnoticed nor fool the comparison);
-* a wrong output shape (for the convolutions, with the output-size formula worked out);
+* an input your function changed in place, an array of bneck's ``params`` included (each call gets
+  fresh copies, and the copies are compared with the originals afterwards, so this cannot go
+  unnoticed nor fool the comparison);
+* a wrong output shape (for the convolutions and the bneck, with the output-size formula worked out);
 * a wrong output dtype: kernels keep their input's dtype, so float64 out of a float32 input fails;
 * otherwise the largest error, where it is and the expected and computed values there.
 
+For the bneck, a report also gives the ``likely cause`` when the failure is that of a usual mistake:
+a residual the block does not have, an activation after the projection, the SE after the
+projection, BN eps 1e-5, ReLU for hard-swish, the expand conv of a block that has none, ...
+
 A value passes when ``|got - expected| <= tol * max(1, max|expected|)`` with ``tol`` 1e-10 for
 float64 and 1e-4 for float32: the same sum taken in another order passes, a wrong formula does not.
-The references are ``npmnv3/kernels.py`` (each kernel as plain loops and vectorised): the solutions.
+The references are ``npmnv3/kernels.py`` (each kernel as plain loops and vectorised) and
+``npmnv3.model.bneck`` (the block from those kernels): the solutions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import traceback
 
 import numpy as np
 
 from . import kernels as K
+from . import model as M
+from .config import Bneck, bneck_block
 
 __all__ = [
     "CheckResult", "TOLERANCE",
-    "conv2d", "depthwise_conv2d", "batch_norm", "hard_swish", "squeeze_excite",
+    "conv2d", "depthwise_conv2d", "batch_norm", "hard_swish", "squeeze_excite", "bneck",
     "check_conv2d", "check_depthwise_conv2d", "check_batch_norm", "check_hard_swish",
-    "check_squeeze_excite",
+    "check_squeeze_excite", "check_bneck",
 ]
 
 #: Relative tolerance by dtype: a value passes when |got - expected| <= tol * max(1, max|expected|).
@@ -212,6 +229,65 @@ def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     raise NotImplementedError("exercise: write this function -- mean, fc1, relu, fc2, hard-sigmoid, scale")
 
 
+def bneck(x, block, params):
+    """One bneck block (inverted residual), the paper's Figure 4, assembled from the kernels above.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C_in, H, W)
+    block : npmnv3.config.Block
+        The block's record (frozen), as ``config.bneck_block`` builds it from a table row:
+
+        - ``block.expand``: the 1x1 conv C_in -> E (E: the expanded channels), then BN and the
+          activation; **None** when E == C_in: the block has no expand conv, and ``params`` no
+          weights for one.
+        - ``block.depthwise``: the k x k depthwise conv on the E channels (``groups`` = E), then BN and
+          the activation; its ``kernel``, ``stride``, ``dilation`` and
+          ``padding`` = (kernel - 1) // 2 * dilation.
+        - ``block.se``: squeeze-and-excite on the E channels (S = ``se.squeeze`` in between), or None.
+        - ``block.project``: the 1x1 conv E -> C_out, then BN and *no* activation (``activation`` None).
+        - ``block.residual``: add ``x`` to the output. torchvision's rule: the row's stride is 1 and
+          C_in == C_out (a dilated block has a depthwise stride of 1 but no residual).
+
+        A conv's ``activation`` is "RE" (ReLU) or "HS" (hard-swish); ``conv.eps`` is its BatchNorm's
+        eps, 0.001 (not PyTorch's default 1e-5).
+    params : dict of str -> ndarray
+        The weights by torchvision's state_dict keys (``block.parameters()`` lists each key with its
+        shape; ``num_batches_tracked`` is not there, it plays no part at inference). For a conv ``conv``
+        (``block.expand``, ``block.depthwise``, ``block.project``):
+
+        - ``params[conv.weight_key]``: (O, C, 1, 1) for a 1x1 conv, (E, 1, k, k) for the depthwise one;
+        - ``[params[key] for key in conv.batch_norm_keys()]``: its BN's running_mean, running_var,
+          weight, bias, each (O,): the order ``kernels.batch_norm`` takes them in.
+
+        For ``se = block.se``: ``params[f"{se.name}.fc1.weight"]`` (S, E, 1, 1), ``f"{se.name}.fc1.bias"``
+        (S,), ``f"{se.name}.fc2.weight"`` (E, S, 1, 1), ``f"{se.name}.fc2.bias"`` (E,).
+
+    Returns
+    -------
+    y : ndarray of shape (N, C_out, H_out, W_out), same dtype as ``x``
+        ::
+
+            h = act(bn(conv1x1(x)))      expand, when block.expand is not None (else h = x)   (N, E, H, W)
+            h = act(bn(depthwise(h)))    stride s, padding (k - 1) // 2 * d, dilation d       (N, E, H_out, W_out)
+            h = squeeze_excite(h)        when block.se is not None                            (N, E, H_out, W_out)
+            y = bn(conv1x1(h))           project: linear, no activation                       (N, C_out, H_out, W_out)
+            y = y + x                    when block.residual
+
+        with H_out = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1 (W_out alike).
+
+    Notes
+    -----
+    Call the kernels of ``npmnv3.kernels`` (or your own): ``conv2d`` (bias=None) for the 1x1 convs,
+    ``depthwise_conv2d``, ``batch_norm(..., eps=conv.eps)``, ``relu`` / ``hard_swish``,
+    ``squeeze_excite``. Take every layer and key from the record: torchvision numbers only the layers
+    a block has (``block.0`` is the depthwise conv when there is no expand conv). Modify neither ``x``
+    nor the arrays of ``params``.
+    """
+    raise NotImplementedError("exercise: write this function -- expand (if block.expand), depthwise, "
+                              "SE (if block.se), project, + x (if block.residual)")
+
+
 # =========================================================================== the result
 
 @dataclasses.dataclass(repr=False)
@@ -228,8 +304,10 @@ class CheckResult:
         The verdict, as printed: one line on success, the first failing case in detail otherwise.
     case : dict or None
         The first failing case: ``number`` (1-based), ``note``, ``call``, the scalar parameters
-        (``stride``, ``padding``, ``dilation``, ``eps``, ... and ``dtype``) and ``shapes``
-        (input name -> shape, None for an input passed as None).
+        (``stride``, ``padding``, ``dilation``, ``eps``, ... and ``dtype``; for the bneck, the
+        block's name and table row and ``residual``) and ``shapes`` (input name -> shape, None for
+        an input passed as None, {key: shape} for bneck's ``params``; records such as bneck's
+        ``block`` are not listed).
     max_error : float or None
         Largest ``|got - expected|`` in that case, when the output could be compared.
     where : tuple or None
@@ -264,11 +342,12 @@ class CheckResult:
 @dataclasses.dataclass
 class _Case:
     note: str            # what the case is about, shown in the verdict
-    args: list           # [(name, ndarray or None)], passed positionally, each call gets copies
+    args: list           # [(name, argument)], passed positionally, each call gets copies (see _map_arrays)
     kwargs: dict         # scalar keyword arguments, passed as given
     params: dict         # parameters shown to the student: kwargs and more (kernel size, dtype)
     expected: np.ndarray  # the reference's output, computed in float64 from the same inputs
     dtype: np.dtype
+    details: tuple = ()  # lines describing the case further, shown under the call in every failure
 
     def arg(self, name):
         return dict(self.args)[name]
@@ -279,7 +358,7 @@ class _Case:
         return f"{fn_name}({', '.join(parts)})"
 
     def as_dict(self, number, fn_name):
-        shapes = {name: None if a is None else tuple(a.shape) for name, a in self.args}
+        shapes = {name: _shapes(a) for name, a in self.args if a is None or isinstance(a, (np.ndarray, dict))}
         return {"number": number, "note": self.note, "call": self.call(fn_name), **self.params,
                 "shapes": shapes}
 
@@ -292,16 +371,41 @@ def _index(flat_index, shape):
     return tuple(int(i) for i in np.unravel_index(int(flat_index), shape))
 
 
+def _map_arrays(a, f):
+    """``f`` applied to the arrays of one argument: an array, or each value of a dict of arrays (bneck's
+    ``params``). None and records (bneck's ``block``, a frozen dataclass) are returned as they are."""
+    if isinstance(a, np.ndarray):
+        return f(a)
+    if isinstance(a, dict):
+        return {key: f(value) for key, value in a.items()}
+    return a
+
+
 def _float64(a):
-    return None if a is None else np.asarray(a, np.float64)
+    return _map_arrays(a, lambda v: np.asarray(v, np.float64))
 
 
-def _make_case(note, args, kwargs, params, reference, dtype, ref_kwargs=None):
-    """Cast the float64 arrays ``args`` to ``dtype``, and compute the reference output in float64."""
+def _shapes(a):
+    """An argument's shape: None for None, a tuple for an array, {key: tuple} for a dict of arrays."""
+    return None if a is None else _map_arrays(a, lambda v: tuple(v.shape))
+
+
+def _describe(name, a):
+    """One input as the verdict's ``inputs:`` line shows it."""
+    if a is None or isinstance(a, np.ndarray):
+        return f"{name} {_shapes(a)}"
+    if isinstance(a, dict):
+        return f"{name} (dict of {len(a)} arrays)"
+    label = getattr(a, "name", None)
+    return f"{name} ({type(a).__name__}{'' if label is None else ' ' + str(label)})"
+
+
+def _make_case(note, args, kwargs, params, reference, dtype, ref_kwargs=None, details=()):
+    """Cast the float64 arrays of ``args`` to ``dtype``, and compute the reference output in float64."""
     dtype = np.dtype(dtype)
-    args = [(name, None if a is None else np.ascontiguousarray(a, dtype)) for name, a in args]
+    args = [(name, _map_arrays(a, lambda v: np.ascontiguousarray(v, dtype))) for name, a in args]
     expected = reference(*[_float64(a) for _, a in args], **(kwargs if ref_kwargs is None else ref_kwargs))
-    return _Case(note, args, dict(kwargs), {**params, "dtype": dtype.name}, expected, dtype)
+    return _Case(note, args, dict(kwargs), {**params, "dtype": dtype.name}, expected, dtype, tuple(details))
 
 
 def _raised_at(exc):
@@ -324,19 +428,52 @@ def _raised_at(exc):
 def _failure(kernel, fn_name, case, number, n_cases, problem, *, max_error=None, where=None):
     header = f"check_{kernel}: FAILED on case {number} of {n_cases} ({case.note})"
     params = ", ".join(f"{k}={v}" for k, v in case.params.items())
-    inputs = ", ".join(f"{name} None" if a is None else f"{name} {tuple(a.shape)}" for name, a in case.args)
+    inputs = ", ".join(_describe(name, a) for name, a in case.args)
     lines = [header,
              f"  case:    {params}",
              f"  inputs:  {inputs}",
              f"  call:    {case.call(fn_name)}"]
+    lines += ["  " + line for line in case.details]
     lines += ["  " + line if line else "" for line in problem]
     return CheckResult(kernel, False, "\n".join(lines), case.as_dict(number, fn_name),
                        max_error, where, n_cases)
 
 
-def _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, explain):
+def _input_change(name, original, passed):
+    """How the student's call changed input ``name``: ``(label, detail, where)``, or None if it is intact.
+
+    ``passed`` is the copy the student received; for a dict of arrays each entry is compared, and the
+    label names the entry (``params["features.1.block.0.0.weight"]``)."""
+    if isinstance(original, dict):
+        if passed.keys() != original.keys():
+            removed = [repr(k) for k in original if k not in passed]
+            added = [repr(k) for k in passed if k not in original]
+            detail = "; ".join(f"{what}: {', '.join(keys)}" for what, keys in (("keys removed", removed),
+                                                                               ("keys added", added)) if keys)
+            return name, detail, None
+        for key, value in original.items():
+            change = _input_change(f'{name}["{key}"]', value, passed[key])
+            if change is not None:
+                return change
+        return None
+    if not isinstance(original, np.ndarray):
+        return None                                   # None, or a frozen record
+    if isinstance(passed, np.ndarray) and passed.shape == original.shape and np.array_equal(passed, original):
+        return None
+    if not isinstance(passed, np.ndarray):
+        return name, f"it was replaced by a {type(passed).__module__}.{type(passed).__qualname__}", None
+    if passed.shape != original.shape:
+        return name, f"its shape changed from {original.shape} to {passed.shape}", None
+    change = np.abs(passed.astype(np.float64) - original)
+    change[~np.isfinite(change)] = np.inf
+    where = _index(np.argmax(change), change.shape)
+    return name, (f"largest change {_fmt(change[where])} at {name}{list(where)}: "
+                  f"was {_fmt(original[where])}, now {_fmt(passed[where])}"), where
+
+
+def _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, explain, explain_error):
     """Run one case; a failing CheckResult, or None when the case passes."""
-    passed_args = [None if a is None else a.copy() for _, a in case.args]
+    passed_args = [_map_arrays(a, np.copy) for _, a in case.args]
     try:
         got = student_fn(*passed_args, **case.kwargs)
     except NotImplementedError as exc:
@@ -348,6 +485,8 @@ def _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, ex
     except Exception as exc:       # the student's bug, reported with the case that triggered it
         problem = [f"problem: {fn_name} raised {type(exc).__name__}: {exc}"]
         problem += _raised_at(exc)
+        if explain_error is not None:
+            problem += explain_error(case, exc)
         return _failure(kernel, fn_name, case, number, n_cases, problem)
 
     if got is None:
@@ -359,18 +498,12 @@ def _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, ex
             f"not a numpy array (np.ndarray)"])
 
     for (name, original), passed in zip(case.args, passed_args):
-        if original is None or (passed.shape == original.shape and np.array_equal(passed, original)):
+        change = _input_change(name, original, passed)
+        if change is None:
             continue
-        where = None
-        detail = f"its shape changed from {original.shape} to {passed.shape}"
-        if passed.shape == original.shape:
-            change = np.abs(passed.astype(np.float64) - original)
-            change[~np.isfinite(change)] = np.inf
-            where = _index(np.argmax(change), change.shape)
-            detail = (f"largest change {_fmt(change[where])} at {name}{list(where)}: "
-                      f"was {_fmt(original[where])}, now {_fmt(passed[where])}")
+        label, detail, where = change
         return _failure(kernel, fn_name, case, number, n_cases, [
-            f"problem: {fn_name} modified its input `{name}` in place ({detail}).",
+            f"problem: {fn_name} modified its input `{label}` in place ({detail}).",
             "A kernel must leave its inputs unchanged: write `x = x - m` or `y = x * s`, not `x -= m` "
             "or `x *= s`, or work on a copy.",
         ], where=where)
@@ -413,7 +546,10 @@ def _same_shape_hint(case):
     return [f"the output has the shape of x, {case.arg('x').shape}"]
 
 
-def _check(kernel, student_fn, cases, verbose, shape_hint=_same_shape_hint, explain=None):
+def _check(kernel, student_fn, cases, verbose, shape_hint=_same_shape_hint, explain=None, explain_error=None):
+    """Run ``cases`` in order and stop at the first failure. The hooks add lines to a failure's report:
+    ``shape_hint(case)`` to a wrong shape, ``explain(case, where, got)`` to wrong values,
+    ``explain_error(case, exc)`` to an exception raised by the student's function."""
     n_cases = len(cases)
     if not callable(student_fn):
         result = CheckResult(kernel, False, (
@@ -424,7 +560,8 @@ def _check(kernel, student_fn, cases, verbose, shape_hint=_same_shape_hint, expl
         fn_name = getattr(student_fn, "__name__", None) or kernel
         result = None
         for number, case in enumerate(cases, 1):
-            result = _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, explain)
+            result = _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, explain,
+                               explain_error)
             if result is not None:
                 break
         if result is None:
@@ -745,3 +882,314 @@ def check_squeeze_excite(student_fn, *, seed=0, verbose=True):
     hard-sigmoid saturates) while others do not (hard vs logistic sigmoid differ there).
     """
     return _check("squeeze_excite", student_fn, _se_cases(seed), verbose, explain=_explain_se)
+
+
+# =========================================================================== the bneck block
+
+_ACTIVATION_NAMES = {"RE": "ReLU", "HS": "hard-swish"}
+_SE_PARTS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+# in, k, exp, out, SE, NL, s, dilation (a config.Bneck row), N, H, W, note
+_BNECK_CASES = [
+    (4, 3, 4, 4, False, "RE", 1, 1, 1, 7, 5,
+     "no expand conv (expanded == in_channels), residual: like features.1 of the large model"),
+    (8, 3, 8, 8, True, "RE", 2, 1, 3, 7, 6,
+     "no expand conv, SE, stride 2: no residual though the channels match (features.1 of the small model)"),
+    (4, 3, 12, 6, False, "RE", 2, 1, 3, 9, 6, "expand conv, stride 2 on an even width, channels change"),
+    (6, 5, 12, 6, True, "RE", 1, 1, 1, 7, 9, "5x5 depthwise, SE, residual"),
+    (6, 3, 16, 8, True, "HS", 1, 1, 3, 5, 7, "hard-swish; stride 1 but in_channels != out_channels: no residual"),
+    (8, 5, 20, 10, True, "HS", 2, 1, 1, 11, 8, "hard-swish, 5x5, SE, stride 2"),
+    (6, 5, 18, 6, True, "HS", 2, 2, 1, 9, 7,
+     "dilation 2 (the dilated tail): depthwise stride 1, and no residual though the shapes match"),
+    (8, 3, 20, 8, False, "HS", 1, 1, 3, 6, 5, "hard-swish, residual, batch 3"),
+]
+_BNECK_FLOAT32 = (0, 3, 5, 6)
+
+
+def _bn_parameters(z, rng, eps, gain=(0.8, 2.5), shift=1.0):
+    """A BatchNorm's (running_mean, running_var, weight, bias) for the conv output ``z`` (float64).
+
+    The running variances range from 1e-4 (below eps: eps matters) to ~5, one of them 1e-4 and one 3; the
+    running means sit off the channels' actual means; the weights (of both signs) are scaled to the
+    channels' actual spread, so that the normalised values have a spread drawn from ``gain`` whatever
+    the variances (the default: over a few units on both sides of 0, past -3 and 3, so that every part
+    of the activation matters); the biases are N(0, ``shift``).
+    """
+    c = z.shape[1]
+    spread = np.maximum(z.std(axis=(0, 2, 3)), 1e-3)
+    var = 10.0 ** rng.uniform(-4.0, 0.7, c)
+    low, high = rng.choice(c, 2, replace=False)
+    var[low], var[high] = 1e-4, 3.0
+    mean = z.mean(axis=(0, 2, 3)) + spread * rng.normal(0.0, 0.5, c)
+    sign = rng.permutation(np.resize((1.0, -1.0), c))                  # both signs, in every BN
+    weight = sign * rng.uniform(*gain, c) * np.sqrt(var + eps) / spread
+    bias = rng.normal(0.0, shift, c)
+    return mean, var, weight, bias
+
+
+def _bneck_parameters(block, x, rng):
+    """Random float64 parameters for ``block`` whose every part shows in its output on ``x``.
+
+    Drawn layer by layer on the block's actual intermediate values: BatchNorm statistics as in
+    ``_bn_parameters`` (the projection's output of the size of x); for the SE, fc1 outputs of both
+    signs (the ReLU matters: one channel positive and one negative for every image) and fc2 outputs
+    mostly between -3 and 3, with one channel's gate saturated at 1 and one at 0 for every image.
+    Returned in ``block.parameters()`` order, without the ``num_batches_tracked`` counters.
+    """
+    params = {}
+
+    def conv_bn_act(h, conv, gain=(0.8, 2.5), shift=1.0):
+        shape = conv.parameters()[0][1]
+        params[conv.weight_key] = weight = rng.standard_normal(shape)
+        if conv.depthwise:
+            z = K.depthwise_conv2d(h, weight, conv.stride, conv.padding, conv.dilation)
+        else:
+            z = K.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation)
+        statistics = _bn_parameters(z, rng, conv.eps, gain, shift)
+        params.update(zip(conv.batch_norm_keys(), statistics))
+        y = K.batch_norm(z, *statistics, eps=conv.eps)
+        return M.ACTIVATIONS[conv.activation](y) if conv.activation else y
+
+    h = x if block.expand is None else conv_bn_act(x, block.expand)
+    h = conv_bn_act(h, block.depthwise)
+    se = block.se
+    if se is not None:
+        s = K.global_avg_pool(h)                                        # (N, E)
+        fc1 = rng.standard_normal((se.squeeze, se.channels))
+        fc1 /= max(float((s @ fc1.T).std()), 1e-3)
+        pre = s @ fc1.T                                                 # (N, S)
+        fc1_bias = rng.normal(0.0, 0.5, se.squeeze) - pre.mean(axis=0)
+        positive, negative = rng.choice(se.squeeze, 2, replace=False)
+        fc1_bias[positive] = 0.5 - pre[:, positive].min()               # through the ReLU for every image
+        fc1_bias[negative] = -0.5 - pre[:, negative].max()              # cut by the ReLU for every image
+        z = K.relu(pre + fc1_bias)
+        fc2 = rng.standard_normal((se.channels, se.squeeze))
+        fc2 *= 1.5 / max(float((z @ fc2.T).std()), 1e-3)
+        fc2_bias = rng.normal(0.0, 1.0, se.channels)
+        pre = z @ fc2.T                                                 # (N, E): the gate is relu6(pre + bias + 3) / 6
+        high, low = rng.choice(se.channels, 2, replace=False)
+        fc2_bias[high] = 3.5 - pre[:, high].min()                       # gate 1 for every image
+        fc2_bias[low] = -3.5 - pre[:, low].max()                        # gate 0 for every image
+        for part, value in zip(_SE_PARTS, (fc1[:, :, None, None], fc1_bias, fc2[:, :, None, None], fc2_bias)):
+            params[f"{se.name}.{part}"] = value
+        h = K.squeeze_excite(h, *(params[f"{se.name}.{part}"] for part in _SE_PARTS))
+    conv_bn_act(h, block.project, gain=(0.5, 1.5), shift=0.5)      # of the size of x: the residual counts
+    return {key: params[key] for key, _, kind in block.parameters() if kind != "counter"}
+
+
+def _no_residual_reason(block):
+    """Why ``block`` (with ``block.residual`` false) does not add its input back."""
+    if block.in_channels != block.out_channels:
+        return f"in_channels {block.in_channels} != out_channels {block.out_channels}"
+    if block.depthwise.stride != 1:
+        return f"stride {block.depthwise.stride}, the output is smaller than x"
+    return ("a dilated block, whose depthwise conv has stride 1 so that the shapes match; but its table row "
+            "has stride 2, and torchvision adds x only when the row's stride is 1")
+
+
+def _bneck_steps(block, x_shape):
+    """The ``block:`` lines of a bneck case's report: each step with the shape it gives."""
+    n, c, h, w = x_shape
+    dw, se, e, c_out = block.depthwise, block.se, block.depthwise.in_channels, block.project.out_channels
+    ho, wo = dw.output_size(h, w)
+    act = _ACTIVATION_NAMES[dw.activation]
+    rows = [("x", (n, c, h, w), f"the input ({block.name})")]
+    if block.expand is None:
+        rows.append(("expand", None, f"none: expanded == in_channels == {c} (block.expand is None, "
+                                     f"and params has no weights for it)"))
+    else:
+        rows.append(("expand", (n, e, h, w), f"1x1 conv {c} -> {e}, BN, {act}"))
+    rows.append(("depthwise", (n, e, ho, wo), f"{dw.kernel}x{dw.kernel} on each of the {e} channels, stride "
+                 f"{dw.stride}, padding {dw.padding}, dilation {dw.dilation}, BN, {act}"))
+    if se is None:
+        rows.append(("SE", None, "none (block.se is None)"))
+    else:
+        rows.append(("SE", (n, e, ho, wo), f"squeeze-and-excite on the {e} channels (squeeze {se.squeeze})"))
+    rows.append(("project", (n, c_out, ho, wo), f"1x1 conv {e} -> {c_out}, BN, no activation"))
+    if block.residual:
+        rows.append(("residual", (n, c_out, ho, wo), "+ x (block.residual is True: stride 1 and "
+                                                      f"in_channels == out_channels == {c})"))
+    else:
+        rows.append(("residual", None, f"none: block.residual is False ({_no_residual_reason(block)})"))
+    return [f"{'block:' if i == 0 else '':<8} {step:<10} {'-' if shape is None else str(shape):<16} {what}"
+            for i, (step, shape, what) in enumerate(rows)]
+
+
+def _bneck_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for dtype, numbers in ((np.float64, range(len(_BNECK_CASES))), (np.float32, _BNECK_FLOAT32)):
+        for i in numbers:
+            *fields, n, h, w, note = _BNECK_CASES[i]
+            row = Bneck(*fields)
+            block = bneck_block(row, f"features.{i + 1}")       # the float32 repeats keep their row's name
+            x = rng.standard_normal((n, row.in_channels, h, w))
+            params = _bneck_parameters(block, x, rng)
+            shown = {"block": block.name, **dataclasses.asdict(row), "residual": block.residual}
+            cases.append(_make_case(note, [("x", x), ("block", block), ("params", params)], {}, shown,
+                                    M.bneck, dtype, details=_bneck_steps(block, x.shape)))
+    return cases
+
+
+def _padding_formula(conv):
+    return f"(k - 1) // 2 * dilation = ({conv.kernel} - 1) // 2 * {conv.dilation} = {conv.padding}"
+
+
+def _bneck_shape_hint(case):
+    block, (_, _, h, w) = case.arg("block"), case.arg("x").shape
+    dw = block.depthwise
+    k, s, p, d = dw.kernel, dw.stride, dw.padding, dw.dilation
+    lines = [f"the output is (N, block.project.out_channels, H_out, W_out), H_out and W_out those of the "
+             f"depthwise conv, whose padding is {_padding_formula(dw)}:"]
+    for axis, size in (("H", h), ("W", w)):
+        lines.append(f"{axis}_out = ({axis} + 2*padding - dilation*(k - 1) - 1) // stride + 1"
+                     f" = ({size} + 2*{p} - {d}*({k} - 1) - 1) // {s} + 1 = {K.conv_output_size(size, k, s, p, d)}")
+    return lines
+
+
+def _bneck_variant(x, block, params, *, eps=None, activation=None, project_activation=None, se="depthwise",
+                   residual=None):
+    """``model.bneck`` in float64 with one part changed, to recognise a mistake: ``eps`` for every BN,
+    ``activation`` for the expand and depthwise convs, an activation after the projection, the SE
+    ``"depthwise"`` (after the depthwise conv, right), ``"project"`` (after the projection) or None
+    (left out), and ``residual`` instead of ``block.residual``."""
+    def conv_bn(h, conv, act):
+        weight = params[conv.weight_key]
+        if conv.depthwise:
+            z = K.depthwise_conv2d(h, weight, conv.stride, conv.padding, conv.dilation)
+        else:
+            z = K.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation)
+        z = K.batch_norm(z, *(params[key] for key in conv.batch_norm_keys()), eps=conv.eps if eps is None else eps)
+        return z if act is None else M.ACTIVATIONS[act](z)
+
+    def squeeze_excite(h):
+        return K.squeeze_excite(h, *(params[f"{block.se.name}.{part}"] for part in _SE_PARTS))
+
+    act = activation or block.depthwise.activation
+    h = x if block.expand is None else conv_bn(x, block.expand, act)
+    h = conv_bn(h, block.depthwise, act)
+    if se == "depthwise" and block.se is not None:
+        h = squeeze_excite(h)
+    y = conv_bn(h, block.project, project_activation)
+    if se == "project" and block.se is not None:
+        y = squeeze_excite(y)
+    if block.residual if residual is None else residual:
+        y = y + x
+    return y
+
+
+def _bneck_mistakes(block):
+    """``[(changes for _bneck_variant, explanation)]``: the usual mistakes that could be made on ``block``."""
+    act = block.depthwise.activation
+    other = "RE" if act == "HS" else "HS"
+    fields = "block.depthwise.activation"
+    if block.expand is not None:
+        fields = "block.expand.activation and " + fields
+    e = block.depthwise.in_channels
+    mistakes = []
+    if block.residual:
+        mistakes.append(({"residual": False}, "this block without its residual: block.residual is True "
+                         "(stride 1 and in_channels == out_channels), so x is added to the projection's output"))
+    else:
+        mistakes.append(({"residual": True}, f"this block with x added back, but it has no residual connection "
+                         f"(block.residual is False: {_no_residual_reason(block)}); add x only when block.residual "
+                         f"is true"))
+    mistakes.append(({"project_activation": act}, f"this block with a {_ACTIVATION_NAMES[act]} after the "
+                     f"projection: the projection is linear (block.project.activation is None), BN and no activation"))
+    if block.se is not None:
+        mistakes.append(({"se": "project"}, f"this block with squeeze-and-excite after the projection: it goes "
+                         f"between the depthwise conv and the projection, on the {e} expanded channels"))
+        mistakes.append(({"se": None}, f"this block without its squeeze-and-excite: block.se is not None, apply it "
+                         f"to the depthwise conv's output"))
+    mistakes.append(({"eps": 1e-5}, f"this block with BatchNorm eps=1e-5 (PyTorch's default): MobileNetV3's "
+                     f"BatchNorms use eps=0.001, pass eps=conv.eps to batch_norm"))
+    mistakes.append(({"activation": other}, f"this block with {_ACTIVATION_NAMES[other]} in place of "
+                     f"{_ACTIVATION_NAMES[act]}: its activation is {act!r} ({_ACTIVATION_NAMES[act]}), see {fields}"))
+    return mistakes
+
+
+def _explain_bneck(case, where, got):
+    """The ``likely cause:`` line of wrong values: the first usual mistake whose output is the student's."""
+    block, x, params = case.arg("block"), _float64(case.arg("x")), _float64(case.arg("params"))
+    tol = TOLERANCE[case.dtype.name]
+    for changes, explanation in _bneck_mistakes(block):
+        try:
+            variant = _bneck_variant(x, block, params, **changes)
+        except ValueError:                   # e.g. x added to an output of another shape: not this mistake
+            continue
+        if variant.shape == got.shape and np.all(np.abs(got.astype(np.float64) - variant)
+                                                 <= tol * max(1.0, float(np.abs(variant).max()))):
+            return [f"likely cause: your output is that of {explanation}."]
+    return ["check each step against the block's steps above (none of the usual mistakes gives your output)"]
+
+
+def _explain_bneck_error(case, exc):
+    """``likely cause:`` lines for an exception: a layer the block does not have, a key ``params`` does not
+    hold, or x added to an output of another shape."""
+    block, x, text = case.arg("block"), case.arg("x"), str(exc)
+    absent = {}
+    if block.expand is None:
+        absent["expand"] = (f"this block has no expand conv: expanded == in_channels == {block.in_channels}, so "
+                            f"block.expand is None and params holds no weights for one; skip the expand step "
+                            f"when block.expand is None")
+    if block.se is None:
+        absent["se"] = ("this block has no squeeze-and-excite: block.se is None and params holds no SE weights; "
+                        "skip the SE when block.se is None")
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    if isinstance(key, str) and key not in case.arg("params"):
+        layers = "; ".join(f"{step} {layer.name}" for step, layer in
+                           (("expand", block.expand), ("depthwise", block.depthwise), ("SE", block.se),
+                            ("project", block.project)) if layer is not None)
+        return ([f"likely cause: params has no key {key!r}. This block's layers: {layers}. torchvision "
+                 f"numbers only the layers a block has: take the keys from the records (conv.weight_key, "
+                 f"conv.batch_norm_keys(), f\"{{se.name}}.fc1.weight\", ...)"]
+                + [f"likely cause: {line}" for line in absent.values()])
+    if isinstance(exc, AttributeError) and "'NoneType'" in text and absent:
+        # the absent layer that the failing lines name (block.expand.weight_key, se.name ...), else each one
+        code = " ".join(frame.line or "" for frame in traceback.extract_tb(exc.__traceback__))
+        named = [line for layer, line in absent.items() if re.search(rf"\b{layer}\b", code)]
+        return [f"likely cause: {line}" for line in named or absent.values()]
+    if isinstance(exc, ValueError) and "broadcast" in text and "(" + ",".join(map(str, x.shape)) + ")" in text:
+        if not block.residual:
+            return [f"likely cause: x {x.shape} cannot be added to the output {case.expected.shape}: this block has "
+                    f"no residual connection (block.residual is False: {_no_residual_reason(block)}); add x only "
+                    f"when block.residual is true"]
+        return [f"likely cause: block.residual is True, so before x is added the output must have the shape of x, "
+                f"{x.shape}; compare your shapes with the steps above: the depthwise conv's padding is "
+                f"{_padding_formula(block.depthwise)}"]
+    return []
+
+
+def check_bneck(student_fn, *, seed=0, verbose=True):
+    """Check a student's :func:`bneck` against ``npmnv3.model.bneck``.
+
+    Parameters
+    ----------
+    student_fn : callable
+        ``student_fn(x, block, params) -> y``, as :func:`bneck`.
+    seed : int
+        Seed of the random inputs and weights (the blocks and shapes of the 12 cases do not change).
+    verbose : bool
+        Print the verdict.
+
+    Returns
+    -------
+    result : CheckResult
+        Truthy when all cases pass; otherwise describes the first failing case, with the block's steps
+        and their shapes, and the likely cause when the failure is that of a usual mistake.
+
+    Notes
+    -----
+    Blocks built by ``config.bneck_block`` from rows with and without expand conv (expanded ==
+    in_channels) and SE; ReLU and hard-swish; kernel 3 and 5; stride 1 with residual, stride 2, stride 1
+    with in_channels != out_channels; a dilated row (dilation 2, depthwise stride 1, no residual although
+    the shapes match); batch 1 and 3; float64, then four in float32. ``params`` is a dict of fresh copies
+    at every call (``block`` is frozen); a change to ``x`` or to any array of ``params`` is reported.
+    Every BatchNorm has a running variance below eps, off-centre running means and weights of both
+    signs; every SE has gates saturated at 0 and at 1 and others in between. The mistakes recognised
+    (``likely cause:``): a residual the block does not have (or a missing one), an activation after the
+    projection, the SE after the projection or left out, BN eps 1e-5, ReLU for hard-swish (and the
+    reverse), the expand conv or the SE of a block that has none, a wrong depthwise padding.
+    """
+    return _check("bneck", student_fn, _bneck_cases(seed), verbose, _bneck_shape_hint, _explain_bneck,
+                  _explain_bneck_error)

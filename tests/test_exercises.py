@@ -6,8 +6,12 @@ import pytest
 
 from npmnv3 import exercises as ex
 from npmnv3 import kernels as K
+from npmnv3 import model as M
 
 KERNELS = ("conv2d", "depthwise_conv2d", "batch_norm", "hard_swish", "squeeze_excite")
+EXERCISES = KERNELS + ("bneck",)
+REFERENCE = {**{kernel: getattr(K, kernel) for kernel in KERNELS}, "bneck": M.bneck}
+NAIVE = {kernel: getattr(K, kernel + "_naive") for kernel in KERNELS}
 
 
 def check(kernel, fn, **options):
@@ -24,10 +28,10 @@ def assert_fails(result, *fragments):
 
 # --------------------------------------------------------------------------- the references pass
 
-@pytest.mark.parametrize("variant", ("", "_naive"))
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_reference_kernels_pass(kernel, variant, capsys):
-    result = getattr(ex, "check_" + kernel)(getattr(K, kernel + variant))
+@pytest.mark.parametrize("kernel,reference", [*REFERENCE.items(), *NAIVE.items()],
+                         ids=[fn.__name__ for fn in [*REFERENCE.values(), *NAIVE.values()]])
+def test_reference_kernels_pass(kernel, reference, capsys):
+    result = getattr(ex, "check_" + kernel)(reference)
     assert result and result.passed
     assert result.case is None and result.max_error is None and result.where is None
     assert result.n_cases >= 6
@@ -35,9 +39,9 @@ def test_reference_kernels_pass(kernel, variant, capsys):
 
 
 @pytest.mark.parametrize("seed", (1, 2, 3))
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", EXERCISES)
 def test_reference_kernels_pass_other_seeds(kernel, seed):
-    assert check(kernel, getattr(K, kernel), seed=seed)
+    assert check(kernel, REFERENCE[kernel], seed=seed)
 
 
 def test_cases_cover_strides_dilations_kernel_sizes_batches_and_dtypes():
@@ -58,14 +62,63 @@ def test_cases_cover_strides_dilations_kernel_sizes_batches_and_dtypes():
         assert c.arg("fc1_weight").shape[0] != c.arg("x").shape[1]
 
 
+def test_bneck_cases_cover_every_kind_of_block():
+    cases = ex._bneck_cases(0)
+    blocks = [c.arg("block") for c in cases]
+    assert {b.expand is None for b in blocks} == {True, False}
+    assert {b.se is None for b in blocks} == {True, False}
+    assert {b.depthwise.activation for b in blocks} == {"RE", "HS"}
+    assert {b.depthwise.kernel for b in blocks} == {3, 5}
+    # (row stride, dilation, in == out channels, residual)
+    kinds = {(c.params["stride"], c.params["dilation"], b.in_channels == b.out_channels, b.residual)
+             for c, b in zip(cases, blocks)}
+    assert kinds >= {(1, 1, True, True), (2, 1, True, False), (2, 1, False, False), (1, 1, False, False),
+                     (2, 2, True, False)}
+    assert all(b.depthwise.stride == 1 for b in blocks if b.depthwise.dilation == 2)
+    assert any(b.se is not None and b.depthwise.in_channels == b.out_channels for b in blocks)   # a misplaced SE runs
+    assert {c.arg("x").shape[0] for c in cases} == {1, 3}
+    assert {c.dtype.name for c in cases} == {"float64", "float32"}
+    assert any(c.arg("x").shape[2] % 2 == 1 and c.arg("x").shape[2] != c.arg("x").shape[3] for c in cases)
+
+
+@pytest.mark.parametrize("seed", (0, 1, 2))
+def test_bneck_weights_make_every_part_of_the_block_matter(seed):
+    for c in ex._bneck_cases(seed):
+        block, params = c.arg("block"), c.arg("params")
+        assert list(params) == [key for key, _, kind in block.parameters() if kind != "counter"]
+        assert all(a.dtype == c.dtype for a in params.values())
+        for conv in (block.expand, block.depthwise, block.project):
+            if conv is not None:
+                mean, var, weight, bias = (params[key] for key in conv.batch_norm_keys())
+                assert var.min() < 2e-4 and var.max() > 1                    # eps = 0.001 matters somewhere
+                assert (weight < 0).any() and (weight > 0).any() and np.abs(bias).max() > 0.1
+        x, params = ex._float64(c.arg("x")), ex._float64(params)
+        outputs = {}
+        M.bneck(x, block, params, outputs)
+        dw = block.depthwise
+        before = K.batch_norm(K.depthwise_conv2d(x if block.expand is None else outputs[block.expand.name],
+                                                 params[dw.weight_key], dw.stride, dw.padding, dw.dilation),
+                              *(params[key] for key in dw.batch_norm_keys()))
+        # the activation sees its kinks (0 for ReLU, -3 and 3 for hard-swish) and the parts between them
+        assert (before < -3).any() and (before > 3).any() and (np.abs(before) < 3).mean() > 0.3
+        if block.se is not None:
+            w1, b1, w2, b2 = (params[f"{block.se.name}.{part}"] for part in ex._SE_PARTS)
+            z = outputs[dw.name].mean(axis=(2, 3)) @ w1[:, :, 0, 0].T + b1
+            assert (z < 0).any() and (z > 0).any()                            # the SE's ReLU matters
+            gate = K.hard_sigmoid(np.maximum(z, 0) @ w2[:, :, 0, 0].T + b2)
+            assert (gate == 0).any() and (gate == 1).any() and ((gate > 0) & (gate < 1)).mean() > 0.4
+        if block.residual:                                # x and the projection both count
+            assert 0.3 < np.abs(outputs[block.project.name]).mean() / np.abs(x).mean() < 3
+
+
 # --------------------------------------------------------------------------- not implemented
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", EXERCISES)
 def test_stubs_are_not_implemented(kernel, capsys):
     stub = getattr(ex, kernel)
     with pytest.raises(NotImplementedError):
         stub(*[np.zeros((1, 1, 1, 1))] * {"conv2d": 2, "depthwise_conv2d": 2, "batch_norm": 5,
-                                          "hard_swish": 1, "squeeze_excite": 5}[kernel])
+                                          "hard_swish": 1, "squeeze_excite": 5, "bneck": 3}[kernel])
     result = getattr(ex, "check_" + kernel)(stub)
     assert_fails(result, f"check_{kernel}: not implemented yet", "NotImplementedError")
     assert result.case["number"] == 1 and result.max_error is None
@@ -428,12 +481,295 @@ def test_squeeze_excite_weight_not_transposed():
                  "fc1_weight (3, 5, 1, 1)")
 
 
+# --------------------------------------------------------------------------- bneck mistakes
+
+ACT = {"RE": K.relu, "HS": K.hard_swish}
+
+
+def _bneck(x, block, params, *, residual=None, expand_always=False, se="depthwise", project_activation=False,
+           padding=None, eps=None, activation=None):
+    """A bneck written with the kernels, with one part optionally done the wrong way."""
+    def conv_bn_act(h, conv, act):
+        weight = params[conv.weight_key]
+        if conv.depthwise:
+            pad = conv.padding if padding is None else padding(conv)
+            z = K.depthwise_conv2d(h, weight, conv.stride, pad, conv.dilation)
+        else:
+            z = K.conv2d(h, weight)
+        z = K.batch_norm(z, *(params[key] for key in conv.batch_norm_keys()), eps=conv.eps if eps is None else eps)
+        return z if act is None else (activation or ACT[act])(z)
+
+    def squeeze_excite(h):
+        return K.squeeze_excite(h, *(params[f"{block.se.name}.{part}"]
+                                     for part in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")))
+
+    act = block.depthwise.activation
+    h = x
+    if block.expand is not None or expand_always:
+        h = conv_bn_act(h, block.expand, act)
+    h = conv_bn_act(h, block.depthwise, act)
+    if se == "depthwise" and block.se is not None:
+        h = squeeze_excite(h)
+    y = conv_bn_act(h, block.project, act if project_activation else None)
+    if se == "project" and block.se is not None:
+        y = squeeze_excite(y)
+    if block.residual if residual is None else residual:
+        y = y + x
+    return y
+
+
+def bneck_residual_when_channels_match(x, block, params):        # forgets the stride
+    return _bneck(x, block, params, residual=block.in_channels == block.out_channels)
+
+
+def bneck_residual_when_stride_1(x, block, params):              # forgets the channels
+    return _bneck(x, block, params, residual=block.depthwise.stride == 1)
+
+
+def bneck_residual_when_shapes_match(x, block, params):          # the dilated block too
+    return _bneck(x, block, params,
+                  residual=block.depthwise.stride == 1 and block.in_channels == block.out_channels)
+
+
+def bneck_without_residual(x, block, params):
+    return _bneck(x, block, params, residual=False)
+
+
+def bneck_se_after_projection(x, block, params):
+    return _bneck(x, block, params, se="project")
+
+
+def bneck_se_left_out(x, block, params):
+    return _bneck(x, block, params, se=None)
+
+
+def bneck_activation_on_projection(x, block, params):
+    return _bneck(x, block, params, project_activation=True)
+
+
+def bneck_padding_ignores_dilation(x, block, params):
+    return _bneck(x, block, params, padding=lambda conv: conv.kernel // 2)
+
+
+def bneck_padding_always_1(x, block, params):
+    return _bneck(x, block, params, padding=lambda conv: 1)
+
+
+def bneck_expand_always(x, block, params):
+    return _bneck(x, block, params, expand_always=True)
+
+
+def bneck_fixed_numbering(x, block, params):
+    """Numbers the layers as in a block that has all four (block.3 the projection) to read the output width."""
+    out_channels = params[f"{block.name}.block.3.0.weight"].shape[0]
+    return _bneck(x, block, params)[:, :out_channels]
+
+
+def bneck_eps_1e5(x, block, params):
+    return _bneck(x, block, params, eps=1e-5)
+
+
+def bneck_relu_always(x, block, params):
+    return _bneck(x, block, params, activation=K.relu)
+
+
+def bneck_hard_swish_always(x, block, params):
+    return _bneck(x, block, params, activation=K.hard_swish)
+
+
+def bneck_no_return(x, block, params):
+    _bneck(x, block, params)
+
+
+def bneck_in_float64(x, block, params):
+    return _bneck(x.astype(np.float64), block, params)
+
+
+def bneck_residual_in_place(x, block, params):
+    y = _bneck(x, block, params, residual=False)
+    if block.residual:
+        x += y
+        return x
+    return y
+
+
+def bneck_folds_batch_norm_in_place(x, block, params):
+    """Folds the projection's BN into its weight -- the caller's array -- and gets the right output."""
+    conv = block.project
+    mean, var, gamma, beta = conv.batch_norm_keys()
+    scale = params[gamma] / np.sqrt(params[var] + conv.eps)
+    params[conv.weight_key] *= scale[:, None, None, None]
+    folded = dict(params)
+    folded[mean], folded[var] = np.zeros_like(scale), np.ones_like(scale) - conv.eps
+    folded[gamma], folded[beta] = np.ones_like(scale), params[beta] - params[mean] * scale
+    return _bneck(x, block, folded)
+
+
+def bneck_pops_its_parameters(x, block, params):
+    own = {key: params.pop(key) for key in list(params)}
+    return _bneck(x, block, own)
+
+
+def test_bneck_residual_on_a_stride_2_block():
+    r = assert_fails(check("bneck", bneck_residual_when_channels_match), "FAILED on case 2 of 12", "stride=2",
+                     "raised ValueError: operands could not be broadcast", "y = y + x",
+                     "likely cause: x (3, 8, 7, 6) cannot be added to the output (3, 8, 4, 3): this block has no "
+                     "residual connection (block.residual is False: stride 2, the output is smaller than x)")
+    assert r.case["residual"] is False and r.case["stride"] == 2
+
+
+def test_bneck_residual_on_a_block_that_changes_the_channels():
+    assert_fails(check("bneck", bneck_residual_when_stride_1), "FAILED on case 5 of 12",
+                 "in_channels=6", "out_channels=8", "stride=1", "raised ValueError",
+                 "this block has no residual connection (block.residual is False: in_channels 6 != out_channels 8)")
+
+
+def test_bneck_residual_on_the_dilated_block():
+    r = assert_fails(check("bneck", bneck_residual_when_shapes_match), "FAILED on case 7 of 12",
+                     "stride=2, dilation=2, residual=False", "output shape: (1, 6, 9, 7), as expected",
+                     "depthwise  (1, 18, 9, 7)    5x5 on each of the 18 channels, stride 1, padding 4, dilation 2",
+                     "likely cause: your output is that of this block with x added back, but it has no residual "
+                     "connection (block.residual is False: a dilated block",
+                     "torchvision adds x only when the row's stride is 1")
+    assert r.max_error > 0.1
+
+
+def test_bneck_residual_missing():
+    assert_fails(check("bneck", bneck_without_residual), "FAILED on case 1 of 12", "residual=True",
+                 "likely cause: your output is that of this block without its residual: block.residual is True")
+
+
+def test_bneck_squeeze_excite_after_the_projection():
+    assert_fails(check("bneck", bneck_se_after_projection), "FAILED on case 2 of 12", "use_se=True",
+                 "likely cause: your output is that of this block with squeeze-and-excite after the projection: "
+                 "it goes between the depthwise conv and the projection, on the 8 expanded channels")
+
+
+def test_bneck_squeeze_excite_left_out():
+    assert_fails(check("bneck", bneck_se_left_out), "FAILED on case 2 of 12",
+                 "likely cause: your output is that of this block without its squeeze-and-excite")
+
+
+def test_bneck_activation_on_the_projection():
+    r = assert_fails(check("bneck", bneck_activation_on_projection), "FAILED on case 1 of 12", "activation=RE",
+                     "max abs error", "likely cause: your output is that of this block with a ReLU after the "
+                     "projection: the projection is linear (block.project.activation is None)")
+    assert r.where[0] == 0 and len(r.where) == 4
+
+
+def test_bneck_depthwise_padding_ignores_the_dilation():
+    r = assert_fails(check("bneck", bneck_padding_ignores_dilation), "FAILED on case 7 of 12", "dilation=2",
+                     "output shape: expected (1, 6, 9, 7), got (1, 6, 5, 3) -- the shapes differ",
+                     "hint: the output is (N, block.project.out_channels, H_out, W_out), H_out and W_out those "
+                     "of the depthwise conv, whose padding is (k - 1) // 2 * dilation = (5 - 1) // 2 * 2 = 4",
+                     "H_out = (H + 2*padding - dilation*(k - 1) - 1) // stride + 1 "
+                     "= (9 + 2*4 - 2*(5 - 1) - 1) // 1 + 1 = 9")
+    assert r.max_error is None
+
+
+def test_bneck_depthwise_padding_always_1():
+    # a 5x5 block with a residual: the output cannot be added to x
+    assert_fails(check("bneck", bneck_padding_always_1), "FAILED on case 4 of 12", "kernel=5",
+                 "raised ValueError: operands could not be broadcast together with shapes (1,6,5,7) (1,6,7,9)",
+                 "likely cause: block.residual is True, so before x is added the output must have the shape "
+                 "of x, (1, 6, 7, 9)", "the depthwise conv's padding is (k - 1) // 2 * dilation = (5 - 1) // 2 * 1 = 2")
+
+
+def test_bneck_expand_conv_of_a_block_without_one():
+    r = assert_fails(check("bneck", bneck_expand_always), "FAILED on case 1 of 12", "expanded=4",
+                     "expand     -                none: expanded == in_channels == 4 (block.expand is None",
+                     "raised AttributeError: 'NoneType' object has no attribute 'weight_key'",
+                     "likely cause: this block has no expand conv: expanded == in_channels == 4, so block.expand "
+                     "is None and params holds no weights for one; skip the expand step when block.expand is None")
+    assert "no squeeze-and-excite" not in r.message        # the failing lines name the expand conv only
+
+
+def test_bneck_keys_numbered_as_if_every_layer_existed():
+    assert_fails(check("bneck", bneck_fixed_numbering), "FAILED on case 1 of 12", "raised KeyError",
+                 "likely cause: params has no key 'features.1.block.3.0.weight'. This block's layers: depthwise "
+                 "features.1.block.0; project features.1.block.1. torchvision numbers only the layers a block has",
+                 "likely cause: this block has no expand conv: expanded == in_channels == 4",
+                 "likely cause: this block has no squeeze-and-excite: block.se is None")
+
+
+def test_bneck_batch_norm_eps_1e5():
+    assert_fails(check("bneck", bneck_eps_1e5), "FAILED on case 1 of 12", "max abs error",
+                 "likely cause: your output is that of this block with BatchNorm eps=1e-5 (PyTorch's default): "
+                 "MobileNetV3's BatchNorms use eps=0.001, pass eps=conv.eps to batch_norm")
+
+
+def test_bneck_relu_where_hard_swish_is_asked():
+    r = assert_fails(check("bneck", bneck_relu_always), "FAILED on case 5 of 12", "activation=HS",
+                     "likely cause: your output is that of this block with ReLU in place of hard-swish: its "
+                     "activation is 'HS' (hard-swish), see block.expand.activation and block.depthwise.activation")
+    assert r.case["activation"] == "HS"
+    assert_fails(check("bneck", bneck_hard_swish_always), "FAILED on case 1 of 12",
+                 "with hard-swish in place of ReLU: its activation is 'RE' (ReLU), see block.depthwise.activation")
+
+
+def test_bneck_generic_mistakes():
+    assert_fails(check("bneck", bneck_no_return), "case 1 of 12", "returned None", "missing `return`")
+    r = assert_fails(check("bneck", bneck_in_float64), "FAILED on case 9 of 12", "dtype=float32",
+                     "output dtype: expected float32 (the dtype of x), got float64 -- wrong dtype")
+    assert r.case["dtype"] == "float32"
+    r = assert_fails(check("bneck", bneck_residual_in_place), "FAILED on case 1 of 12",
+                     "bneck_residual_in_place modified its input `x` in place", "largest change")
+    assert len(r.where) == 4
+
+
+def test_bneck_parameters_changed_in_place_are_reported():
+    """The folded weights give the right output, but the caller's parameters are no longer what they were."""
+    r = assert_fails(check("bneck", bneck_folds_batch_norm_in_place), "FAILED on case 1 of 12",
+                     'modified its input `params["features.1.block.1.0.weight"]` in place (largest change',
+                     'at params["features.1.block.1.0.weight"][')
+    assert r.max_error is None and len(r.where) == 4
+    assert_fails(check("bneck", bneck_pops_its_parameters),
+                 "modified its input `params` in place (keys removed: 'features.1.block.0.0.weight', ")
+
+
+def test_bneck_report_describes_the_block():
+    r = check("bneck", bneck_eps_1e5)
+    assert r.message.splitlines()[1:11] == [
+        "  case:    block=features.1, in_channels=4, kernel=3, expanded=4, out_channels=4, use_se=False, "
+        "activation=RE, stride=1, dilation=1, residual=True, dtype=float64",
+        "  inputs:  x (1, 4, 7, 5), block (Block features.1), params (dict of 10 arrays)",
+        "  call:    bneck_eps_1e5(x, block, params)",
+        "  block:   x          (1, 4, 7, 5)     the input (features.1)",
+        "           expand     -                none: expanded == in_channels == 4 (block.expand is None, "
+        "and params has no weights for it)",
+        "           depthwise  (1, 4, 7, 5)     3x3 on each of the 4 channels, stride 1, padding 1, dilation 1, "
+        "BN, ReLU",
+        "           SE         -                none (block.se is None)",
+        "           project    (1, 4, 7, 5)     1x1 conv 4 -> 4, BN, no activation",
+        "           residual   (1, 4, 7, 5)     + x (block.residual is True: stride 1 and in_channels == "
+        "out_channels == 4)",
+        "  output shape: (1, 4, 7, 5), as expected"]
+    assert r.case["shapes"]["x"] == (1, 4, 7, 5) and "block" not in r.case["shapes"]
+    assert r.case["shapes"]["params"]["features.1.block.0.0.weight"] == (4, 1, 3, 3)
+    assert r.case["block"] == "features.1" and r.n_cases == 12
+
+
+@pytest.mark.parametrize("seed", (1, 2, 3))
+def test_bneck_likely_cause_whatever_the_seed(seed):
+    for mistake, cause in ((bneck_residual_when_shapes_match, "with x added back"),
+                           (bneck_without_residual, "without its residual"),
+                           (bneck_se_after_projection, "with squeeze-and-excite after the projection"),
+                           (bneck_se_left_out, "without its squeeze-and-excite"),
+                           (bneck_activation_on_projection, "with a ReLU after the projection"),
+                           (bneck_eps_1e5, "with BatchNorm eps=1e-5"),
+                           (bneck_relu_always, "with ReLU in place of hard-swish")):
+        assert_fails(check("bneck", mistake, seed=seed), "likely cause: your output is that of this block " + cause)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_subtle_mistakes_are_caught_whatever_the_seed(seed):
     for kernel, mistake in (("squeeze_excite", se_sigmoid), ("squeeze_excite", se_no_relu),
                             ("squeeze_excite", se_no_biases), ("batch_norm", bn_eps_1e5),
                             ("batch_norm", bn_var_not_sqrt), ("hard_swish", hs_swish),
-                            ("conv2d", conv_without_bias), ("conv2d", conv_weight_reshaped_wrongly)):
+                            ("conv2d", conv_without_bias), ("conv2d", conv_weight_reshaped_wrongly),
+                            ("bneck", bneck_eps_1e5), ("bneck", bneck_se_after_projection),
+                            ("bneck", bneck_activation_on_projection), ("bneck", bneck_relu_always),
+                            ("bneck", bneck_residual_when_shapes_match)):
         assert not check(kernel, mistake, seed=seed), (kernel, mistake.__name__, seed)
 
 
@@ -518,9 +854,28 @@ def per_image_se(x, w1, b1, w2, b2):
     return np.stack(out)
 
 
+def bneck_with_loop_kernels(x, block, params):
+    def conv_bn_act(h, conv):
+        weight = params[conv.weight_key]
+        if conv.depthwise:
+            z = K.depthwise_conv2d_naive(h, weight, conv.stride, conv.padding, conv.dilation)
+        else:
+            z = K.conv2d_naive(h, weight, None, conv.stride, conv.padding, conv.dilation)
+        z = K.batch_norm_naive(z, *(params[key] for key in conv.batch_norm_keys()), eps=conv.eps)
+        return {"RE": K.relu_naive, "HS": K.hard_swish_naive, None: np.copy}[conv.activation](z)
+
+    h = x if block.expand is None else conv_bn_act(x, block.expand)
+    h = conv_bn_act(h, block.depthwise)
+    if block.se is not None:
+        h = K.squeeze_excite_naive(h, *(params[f"{block.se.name}.{part}"]
+                                        for part in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")))
+    y = conv_bn_act(h, block.project)
+    return y + x if block.residual else y
+
+
 @pytest.mark.parametrize("kernel,fn", [("conv2d", einsum_conv2d), ("depthwise_conv2d", einsum_depthwise),
                                        ("batch_norm", loop_batch_norm), ("hard_swish", where_hard_swish),
-                                       ("squeeze_excite", per_image_se)])
+                                       ("squeeze_excite", per_image_se), ("bneck", bneck_with_loop_kernels)])
 def test_other_correct_solutions_pass(kernel, fn):
     result = check(kernel, fn)
     assert result, result.message
@@ -535,7 +890,8 @@ def test_exercise_notebook_is_stored_clean_and_checks_every_kernel():
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
     source = "\n".join("".join(c["source"]) for c in code)
-    for kernel in KERNELS:
+    for kernel in EXERCISES:
         assert f"check_{kernel}(my_{kernel})" in source
         assert f"ex.{kernel}(" in source                     # the student's cell starts on the stub
+    assert "block = model.features[5]" in source and "params = model.params" in source    # the bneck hint
     assert "npmnv3/kernels.py" in "".join("".join(c["source"]) for c in nb["cells"])
