@@ -5,6 +5,8 @@ torchvision's own networks with random weights under which every layer matters, 
 run them and to hand their weights to npmnv3.
 """
 
+import copy
+
 import numpy as np
 import torch
 import torchvision
@@ -15,9 +17,10 @@ def random_model(arch, seed=0, **options):
     with random weights that make every layer matter.
 
     Conv weights keep torchvision's Kaiming init; BN weight in [0.5, 1.5], BN bias and SE biases
-    random. BatchNorm statistics are then measured on a random batch, so that activations stay
-    O(1) through the depth, and perturbed at random (mean shifted by 0.1 std, var scaled by
-    0.8-1.25) so that they are not the identity. The classifier gets N(0, 1/fan_in) weights and
+    random. BatchNorm statistics are then measured on a random 64x64 batch (with torchvision's
+    untrained statistics the activations would shrink about 10^8-fold through the depth; measured
+    ones keep them within a few orders of magnitude of 1 on other inputs too), and perturbed at
+    random (mean shifted by 0.1 std, var scaled by 0.8-1.25) so that they are not the identity. The classifier gets N(0, 1/fan_in) weights and
     random biases so that logits are O(1) and the top-5 order means something.
     """
     torch.manual_seed(seed)
@@ -52,8 +55,9 @@ def numpy_state_dict(model):
 
 
 def features_and_logits(model, x, dtype=np.float32):
-    """(logits, {"features.i": output}) of a torchvision MobileNetV3 on NCHW ``x``, as NumPy arrays."""
-    model = model.double() if np.dtype(dtype) == np.float64 else model.float()
+    """(logits, {"features.i": output}) of a torchvision MobileNetV3 on NCHW ``x``, as NumPy arrays
+    (in float64 on a float64 copy of the model; the model itself is left as it is)."""
+    model = copy.deepcopy(model).double() if np.dtype(dtype) == np.float64 else model
     feats = {}
     with torch.no_grad():
         t = torch.from_numpy(np.ascontiguousarray(x, dtype))
