@@ -49,25 +49,75 @@ Policies
   (False) matches torchvision, whose loader ignores it.
 * Multi-frame files (animated GIF/PNG/WebP, multi-page TIFF) use frame 0.
   A PIL image passed in is used at whatever frame it is currently on.
-* Decompression bombs: right after ``Image.open`` (which only reads the header)
-  and before any pixel is decoded, ``width * height`` is checked against
-  ``max_pixels`` (default ``DEFAULT_MAX_PIXELS`` = 89,478,485, Pillow's own
-  default).  Pillow's own limit, ``PIL.Image.MAX_IMAGE_PIXELS``, is never
-  changed here and also applies while opening: its ``DecompressionBombWarning``
-  is treated as an error and its ``DecompressionBombError`` is reported as an
-  ``ImageError``.  So the effective limit for files is the smaller of the two.
+* Format detection: a file's format is found from its content only (never
+  from its name or extension), by trying Pillow's format plugins in one fixed
+  order, ``_FORMAT_ORDER``: the order ``Image.open`` uses in a fresh
+  interpreter (``Image.preinit()``'s five common formats, then the rest as
+  ``Image.init()`` registers them), followed by any plugin registered by
+  another package.
+  Pillow's own order (``PIL.Image.ID``) changes with what the process did
+  before: opening ``x.tga`` by path registers the TGA plugin first, and TGA
+  accepts almost any data, e.g. an ICO file, which it then misreads.  Here
+  the result for a file never depends on what the process opened before.
+* Decompression bombs and memory: neither the decoded image nor the resized
+  one may have more than ``max_pixels`` pixels (default
+  ``DEFAULT_MAX_PIXELS`` = 89,478,485, Pillow's own default; 256 MiB as
+  8-bit RGB, a third more in Pillow's 4-bytes-per-pixel layout).  One budget
+  serves both because both cost the same per pixel and are what a call
+  holds in memory; the aspect ratio as such costs nothing:
+
+  - the decoded size is checked right after ``Image.open`` (which only reads
+    the header) and before any pixel is decoded.  A few plugins learn the
+    real size only while decoding (ICNS from its embedded PNG, EPS from
+    Ghostscript); that size is checked again afterwards, so that nothing
+    larger goes on to be converted and resized, and Pillow's limit (below)
+    applies during that decoding;
+  - ``preprocess`` checks the size after resizing (short side to
+    ``resize_size``, long side to ``int(resize_size * long / short)``) before
+    resizing.  That size grows with the aspect ratio, not with the input:
+    ``resize_size ** 2 * long / short`` pixels, so the default allows aspect
+    ratios up to about 1365:1 at ``resize_size`` 256 (1662:1 at 232).  A
+    500x7 image (18285x256 after resizing) or a 798x20 line of text
+    (10214x256) is fine, and bit-exact with torchvision; a 1x100000 image
+    (256x25,600,000 = 6.5 Gpx, about 24 GiB) is refused.  There is no cap on
+    the aspect ratio itself.
+
+  ``max_pixels=None`` removes both of these checks; the input is then
+  trusted.  Pillow's own limit, ``PIL.Image.MAX_IMAGE_PIXELS``, is never
+  changed here and also applies to files, both while opening and while
+  decoding (ICNS, for instance, learns the size of its embedded PNG only
+  then): its ``DecompressionBombWarning`` is treated as an error and its
+  ``DecompressionBombError`` is reported as an ``ImageError``.  So the
+  effective limit for files is the smaller of the two.
 * Truncated or corrupt files: pixels are decoded eagerly (``load()``) inside a
   ``try``, so they fail here with a clear error.  ``ImageFile.LOAD_TRUNCATED_IMAGES``
   is never set.
-* Extreme aspect ratios: ``preprocess`` refuses an image whose resized long side
-  would exceed ``MAX_ASPECT_RATIO * resize_size`` (32 x 256 = 8192 px by default,
-  i.e. aspect ratios up to about 32:1 are fine), or whose resized size would
-  exceed ``max_pixels``.  A 1x100000 image would otherwise need a
-  256 x 25,600,000 resize (about 18 GiB).
 
+Error messages
+--------------
 Every error is an ``ImageError`` (a ``ValueError``) whose message starts with
 the input's name (``name=`` if given, else the path or the kind of input) and
-which is chained to the underlying exception where there is one.
+which is chained to the underlying exception where there is one.  What Pillow
+says is quoted (clipped to ``_REASON_CHARS`` characters) with its exception
+type.  A file Pillow cannot use is reported as one of:
+
+* "not an image Pillow can read": no format plugin recognised the data (its
+  first bytes are quoted);
+* "a variant of FORMAT that Pillow cannot decode": the plugin for the format
+  recognised the file but refuses this variant, e.g. a BMP bitfields layout
+  or compression, or a DDS pixel format, that it does not implement (Pillow
+  raises ``NotImplementedError``, or an error saying "unsupported",
+  "unimplemented" or "unknown ... format").  The file may be valid;
+* a missing decoder, named: "needs Ghostscript to be rendered, and
+  Ghostscript is not installed" (EPS); "no decoder for FORMAT files is
+  installed" (Windows metafiles, WMF/EMF, off Windows; GRIB, BUFR and HDF5,
+  which Pillow only recognises unless an application registers a handler);
+  "needs a decoder that this Pillow build lacks" (a codec left out when
+  Pillow was built);
+* "refused as a possible decompression bomb" (see above), whether found
+  while opening or while decoding;
+* "truncated or corrupt": any other failure of a format Pillow supports, e.g.
+  "image file is truncated", "broken data stream" or a decoder error.
 """
 
 from __future__ import annotations
@@ -75,11 +125,12 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from .errors import ImageError
 
@@ -89,7 +140,6 @@ __all__ = [
     "DEFAULT_RESIZE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "MAX_ASPECT_RATIO",
     "load_image",
     "preprocess",
 ]
@@ -97,10 +147,6 @@ __all__ = [
 #: Default cap on ``width * height`` of an input image (Pillow's own default
 #: ``Image.MAX_IMAGE_PIXELS``: 1024 * 1024 * 1024 // 4 // 3).
 DEFAULT_MAX_PIXELS = 89_478_485
-
-#: ``preprocess`` refuses an image whose long side after resizing would exceed
-#: ``MAX_ASPECT_RATIO * resize_size``.
-MAX_ASPECT_RATIO = 32
 
 # Image.Resampling exists from Pillow 9.1; the bare constants warn in 9.1-9.3.
 _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
@@ -114,6 +160,36 @@ DEFAULT_CROP = 224
 
 # How many leading bytes of an unrecognised file to quote in the error message.
 _SNIFF_BYTES = 16
+
+# How much of what Pillow says about a failure to quote in the error message.
+_REASON_CHARS = 200
+
+#: The order in which Pillow's format plugins are tried: the order of
+#: ``PIL.Image.ID`` in a fresh interpreter after ``Image.open`` has run
+#: ``Image.preinit()`` and ``Image.init()`` (as of Pillow 13; FPX and MIC,
+#: which need olefile, where they would come).  Pillow itself tries
+#: ``Image.ID``, whose order depends on which plugins were imported first (see
+#: the module docstring).  Formats this Pillow lacks are skipped; formats
+#: missing here (registered by other packages) are tried afterwards.
+_FORMAT_ORDER = (
+    "BMP", "DIB", "GIF", "JPEG", "PPM", "PNG",
+    "AVIF", "BLP", "BUFR", "CUR", "PCX", "DCX", "DDS", "EPS", "FITS", "FLI", "FPX", "FTEX",
+    "GBR", "GRIB", "HDF5", "JPEG2000", "ICNS", "ICO", "IM", "IMT", "IPTC", "MCIDAS", "MPEG",
+    "TIFF", "MIC", "MSP", "PCD", "PIXAR", "PSD", "QOI", "SGI", "SPIDER", "SUN", "TGA", "WEBP",
+    "WMF", "XBM", "XPM", "XVTHUMB",
+)
+
+# Pillow's wording for a file it recognises but a variant it does not implement
+# (BMP: "Unsupported BMP bitfields layout"; DDS: "Unimplemented pixel format
+# ...", "Unknown pixel format flags ..."; BLP, SGI, SUN, ICNS, ...).
+_UNSUPPORTED = re.compile(
+    r"\b(unsupported|unimplemented|not supported|not implemented)\b"
+    r"|\bunknown\b.*\b(format|mode|compression|encoding|pixel|organization|filter|depth|flags)\b",
+    re.IGNORECASE,
+)
+
+# Pillow's wording for a codec that this build of Pillow was compiled without.
+_NO_CODEC = re.compile(r"^decoder \S+ not available")
 
 
 # --------------------------------------------------------------------------- #
@@ -160,49 +236,177 @@ def _check_pixels(size: Tuple[int, int], max_pixels: Optional[int], label: str) 
         )
 
 
+def _reason(e: BaseException) -> str:
+    """What Pillow said, as ``Type: message``, on one line and clipped to ``_REASON_CHARS``."""
+    text = " ".join(str(e).split()) or "(no message)"
+    if len(text) > _REASON_CHARS:
+        text = text[: _REASON_CHARS - 3] + "..."
+    return f"{type(e).__name__}: {text}"
+
+
+def _is_unsupported_variant(e: BaseException) -> bool:
+    """Whether a plugin's exception says it does not implement this variant of its format."""
+    return isinstance(e, NotImplementedError) or bool(_UNSUPPORTED.search(str(e)))
+
+
+def _bomb_error(label: str, e: BaseException, while_decoding: str = "") -> ImageError:
+    """The message for Pillow's DecompressionBombError/Warning, at open or (``while_decoding``) at load."""
+    where = f", found while decoding the {while_decoding} image" if while_decoding else ""
+    return ImageError(
+        f"{label}: refused as a possible decompression bomb by Pillow's limit "
+        f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}){where}: {e}"
+    )
+
+
+def _format_order() -> Tuple[str, ...]:
+    """Every format Pillow can open, in the fixed order ``_FORMAT_ORDER``, then any others."""
+    Image.init()  # registers every plugin; a no-op once done
+    known = [f for f in _FORMAT_ORDER if f in Image.OPEN]
+    return tuple(known + [f for f in Image.ID if f not in _FORMAT_ORDER])
+
+
+def _may_accept(fmt: str, prefix: bytes) -> bool:
+    """False where ``fmt``'s plugin rejects the data outright, as ``Image.open`` would find."""
+    accept = Image.OPEN[fmt][1]
+    try:
+        return accept is None or bool(accept(prefix))
+    except Exception:  # let Image.open deal with it
+        return True
+
+
+def _identify(fp: io.BufferedIOBase, head: bytes, label: str) -> Image.Image:
+    """``Image.open`` with the plugins tried one by one in ``_format_order()``.
+
+    Trying them one at a time (Pillow moves on to the next plugin exactly where
+    ``Image.open(fp, formats=(fmt,))`` raises ``UnidentifiedImageError``) tells
+    which plugin raised any other error, so that its format can be named.
+    """
+    order = _format_order()
+    fp.seek(0)
+    prefix = fp.read(16)  # what Image.open passes to each plugin's accept()
+    # Pillow warns (DecompressionBombWarning) between 1x and 2x its
+    # MAX_IMAGE_PIXELS and raises above 2x.  Make the warning an error;
+    # Image.MAX_IMAGE_PIXELS itself is left alone.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for fmt in order:
+            if not _may_accept(fmt, prefix):  # a shortcut: Image.open would skip it too
+                continue
+            try:
+                return Image.open(fp, formats=(fmt,))
+            except Image.UnidentifiedImageError:
+                continue
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise _bomb_error(label, e) from e
+            except MemoryError:
+                raise
+            except Exception as e:  # plugins raise assorted types on headers they refuse
+                if _is_unsupported_variant(e):
+                    raise ImageError(
+                        f"{label}: a variant of {fmt} that Pillow cannot decode: {_reason(e)}. "
+                        f"The file may well be valid: convert it (e.g. to PNG) with another program"
+                    ) from e
+                raise ImageError(
+                    f"{label}: cannot read the {fmt} header; the file is truncated or corrupt: {_reason(e)}"
+                ) from e
+        # No plugin took the data.  Image.open over all of them, which tries only
+        # the plugins tried above, says so in its own words (and warnings).
+        try:
+            return Image.open(fp, formats=order)
+        except Image.UnidentifiedImageError as e:
+            raise ImageError(
+                f"{label}: not an image Pillow can read (unknown format or damaged header; "
+                f"the data starts with {head!r})"
+            ) from e
+
+
+def _no_decoder(img: Image.Image, label: str) -> ImageError:
+    """The message for a format Pillow only recognises (a stub plugin without a handler)."""
+    fmt = img.format or type(img).__name__
+    desc = getattr(img, "format_description", None)
+    named = f"{fmt} ({desc})" if desc and desc != fmt else fmt
+    w, h = img.size
+    this = f"this {w}x{h} {fmt} file" if w > 0 and h > 0 else "the format"
+    how = f"a handler registered with {type(img).__module__}.register_handler"
+    if fmt == "WMF":
+        how = f"renders metafiles (WMF/EMF) only on Windows or through {how}"
+    else:
+        how = f"reads no pixels from it without {how}"
+    return ImageError(
+        f"{label}: no decoder for {named} files is installed: Pillow recognises {this} but {how}. "
+        f"Convert it to an image format such as PNG first"
+    )
+
+
+def _load_error(img: Image.Image, label: str, e: Exception, closed_hint: bool) -> ImageError:
+    """The message for an exception from ``img.load()`` (other than a decompression bomb)."""
+    fmt = img.format or "unknown"
+    what = f"{fmt} {img.size[0]}x{img.size[1]}"
+    text = str(e)
+    if fmt == "EPS":
+        from PIL import EpsImagePlugin
+
+        if not EpsImagePlugin.has_ghostscript():
+            return ImageError(
+                f"{label}: {what} needs Ghostscript to be rendered, and Ghostscript is not "
+                f"installed (Pillow says {_reason(e)}). Install Ghostscript (the 'gs' program), "
+                f"or convert the file to PNG first"
+            )
+    if isinstance(e, OSError) and _NO_CODEC.search(text):
+        return ImageError(
+            f"{label}: {what} needs a decoder that this Pillow build lacks: {_reason(e)}. "
+            f"Install a Pillow built with it, or convert the file to PNG first"
+        )
+    if isinstance(e, OSError) and text.startswith("cannot find loader for this"):
+        return _no_decoder(img, label)
+    if closed_hint and isinstance(e, ValueError) and "closed image" in text:
+        return ImageError(f"{label}: the PIL image was closed: {_reason(e)}")
+    if _is_unsupported_variant(e):
+        return ImageError(
+            f"{label}: cannot decode the image data ({what}): a variant of {fmt} that Pillow "
+            f"cannot decode: {_reason(e)}. The file may well be valid: convert it (e.g. to PNG) "
+            f"with another program"
+        )
+    return ImageError(
+        f"{label}: cannot decode the image data ({what}); the file is truncated or corrupt: {_reason(e)}"
+    )
+
+
+def _decode(img: Image.Image, label: str, max_pixels: Optional[int], closed_hint: bool = False) -> None:
+    """Check the size of an opened image, then decode its pixels (frame 0, or the current frame).
+
+    ``closed_hint``: ``img`` came from the caller, who may have closed it.
+    """
+    # Pillow opens a file of a format it only recognises (GRIB, BUFR, HDF5, WMF
+    # off Windows) as a StubImageFile, 0x0 unless the format says otherwise;
+    # one with a handler (registered by an application) decodes like any image.
+    if isinstance(img, ImageFile.StubImageFile) and getattr(img, "_handler", None) is None:
+        raise _no_decoder(img, label)
+    _check_pixels(img.size, max_pixels, label)
+    size = img.size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb_error(label, e, f"{img.format or 'unknown'} {size[0]}x{size[1]}") from e
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _load_error(img, label, e, closed_hint) from e
+    if img.size != size:  # e.g. ICNS, EPS, a stub's handler: the size was set while decoding
+        _check_pixels(img.size, max_pixels, label)
+
+
 def _open_encoded(fp: io.BufferedIOBase, head: bytes, label: str, max_pixels: Optional[int]) -> Image.Image:
     """Open an encoded image from a seekable binary stream, check its size, decode frame 0.
 
     The returned image is fully loaded; the caller closes it after conversion.
     """
+    img = _identify(fp, head, label)
     try:
-        # Pillow warns (DecompressionBombWarning) between 1x and 2x its
-        # MAX_IMAGE_PIXELS and raises above 2x.  Make the warning an error;
-        # Image.MAX_IMAGE_PIXELS itself is left alone.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(
-            f"{label}: refused as a possible decompression bomb by Pillow's limit "
-            f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {e}"
-        ) from e
-    except Image.UnidentifiedImageError as e:
-        raise ImageError(
-            f"{label}: not an image Pillow can read (unknown format or damaged header; "
-            f"the data starts with {head!r})"
-        ) from e
-    except MemoryError:
-        raise
-    except Exception as e:  # plugins raise assorted types on broken headers
-        raise ImageError(
-            f"{label}: cannot read the image header; the file is truncated or corrupt: "
-            f"{type(e).__name__}: {e}"
-        ) from e
-
-    try:
-        _check_pixels(img.size, max_pixels, label)
         # Image.open leaves a multi-frame image on frame 0: decode that one.
-        try:
-            img.load()
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise ImageError(
-                f"{label}: cannot decode the image data ({img.format or 'unknown'} "
-                f"{img.size[0]}x{img.size[1]}); the file is truncated or corrupt: "
-                f"{type(e).__name__}: {e}"
-            ) from e
+        _decode(img, label, max_pixels)
     except BaseException:
         img.close()
         raise
@@ -367,17 +571,7 @@ def load_image(
     opened = False  # True when we own `img` and must close it
     if isinstance(source, Image.Image):
         img = source
-        _check_pixels(img.size, max_pixels, label)
-        try:
-            img.load()  # a lazily opened image may still be truncated
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise ImageError(
-                f"{label}: cannot load the pixel data; the file is truncated or corrupt "
-                f"(or the image was closed): "
-                f"{type(e).__name__}: {e}"
-            ) from e
+        _decode(img, label, max_pixels, closed_hint=True)  # a lazily opened image may still be truncated
     elif isinstance(source, np.ndarray):
         img = _from_array(source, label, max_pixels)
     elif isinstance(source, (str, os.PathLike)):
@@ -459,9 +653,9 @@ def preprocess(
     ``image`` is anything ``load_image`` accepts; ``name``, ``exif_transpose`` and
     ``max_pixels`` are passed on to it.
 
-    Raises ImageError for an unusable image (including an aspect ratio so extreme
-    that the resize would exceed ``MAX_ASPECT_RATIO * resize_size`` on the long
-    side), ValueError for bad arguments.
+    Raises ImageError for an unusable image (including one whose resized size
+    would exceed ``max_pixels``, as a 1x100000 image would: 256x25,600,000),
+    ValueError for bad arguments.
     """
     resize_size = _positive_int(resize_size, "resize_size")
     crop_size = _positive_int(crop_size, "crop_size")
@@ -475,16 +669,13 @@ def preprocess(
     try:
         w, h = img.size
         new_w, new_h = _resized_size(w, h, resize_size)
-        long_limit = MAX_ASPECT_RATIO * resize_size
-        if max(new_w, new_h) > long_limit:
-            raise ImageError(
-                f"{label}: {w}x{h} image has an extreme aspect ratio: resizing its short side to "
-                f"{resize_size} would make it {new_w}x{new_h}, beyond the limit of {long_limit} px "
-                f"on the long side (MAX_ASPECT_RATIO = {MAX_ASPECT_RATIO}); crop it first"
-            )
         if max_pixels is not None and new_w * new_h > max_pixels:
+            gib = new_w * new_h * 4 / 2**30  # Pillow keeps RGB as 4 bytes per pixel
             raise ImageError(
-                f"{label}: resizing to {new_w}x{new_h} would exceed max_pixels ({max_pixels:,})"
+                f"{label}: resizing this {w}x{h} image to a short side of {resize_size} would make it "
+                f"{new_w}x{new_h} = {new_w * new_h:,} pixels (about {gib:,.1f} GiB), more than the "
+                f"limit of {max_pixels:,} (max_pixels); crop it first, or pass a larger max_pixels "
+                f"if you have the memory"
             )
         if (new_w, new_h) != (w, h):
             resized = img.resize((new_w, new_h), _BILINEAR)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from npmnv3.errors import ImageError
-from npmnv3.images import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, load_image, preprocess
+from npmnv3.images import DEFAULT_MAX_PIXELS, load_image, preprocess
 
 torch = pytest.importorskip("torch")
 tvm = pytest.importorskip("torchvision.models")
@@ -422,16 +422,19 @@ def test_decompression_bomb(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == limit_before
 
 
-def test_absurd_aspect_ratio():
+def test_absurd_resized_size_is_refused_naming_it_and_the_limit():
     with pytest.raises(ImageError) as e:
         preprocess(np.zeros((1, 100000), np.uint8), name="image 4")
-    assert_image_error(e, "image 4:", "100000x1 image has an extreme aspect ratio",
-                       "25600000x256", f"limit of {MAX_ASPECT_RATIO * 256} px")
+    assert_image_error(e, "image 4: resizing this 100000x1 image to a short side of 256 would make it "
+                       "25600000x256 = 6,553,600,000 pixels (about 24.4 GiB), more than the limit of "
+                       f"{DEFAULT_MAX_PIXELS:,} (max_pixels)", "crop it first")
+    # The bound is the resized pixel count, max_pixels, not the aspect ratio: a 10x3000
+    # image (232x69600 after resizing) is fine, a 10x500 one is refused with a smaller limit.
+    assert preprocess(np.zeros((3000, 10), np.uint8), 232).shape == (3, 224, 224)
     with pytest.raises(ImageError) as e:
-        preprocess(np.zeros((3000, 10), np.uint8), 232)
-    assert_image_error(e, "10x3000", "232x69600")
-    # Up to MAX_ASPECT_RATIO:1 is fine.
-    assert preprocess(np.zeros((10, 10 * MAX_ASPECT_RATIO), np.uint8)).shape == (3, 224, 224)
+        preprocess(np.zeros((10, 500), np.uint8), max_pixels=1_000_000)
+    assert_image_error(e, "500x10 image", "12800x256 = 3,276,800 pixels", "limit of 1,000,000")
+    assert preprocess(np.zeros((10, 500), np.uint8), max_pixels=3_276_800).shape == (3, 224, 224)
 
 
 def test_bad_arguments_are_value_errors():
