@@ -9,7 +9,7 @@ The file is read by npmnv3's safe reader (nothing in it is executed), loaded int
 network (the architecture is recognised from the keys unless --arch is given), and written with its
 architecture, options and preprocessing as JSON metadata. When torch and torchvision are
 importable, torchvision's model and npmnv3's are run on one random input and the largest
-difference of their logits is printed.
+difference of their logits is printed, absolute and relative to the largest logit.
 """
 
 import argparse
@@ -62,7 +62,8 @@ def build_model(state_dict, meta, args):
 
 
 def compare_with_torchvision(model):
-    """Largest |logit difference| between torchvision and npmnv3 on one input, or None without torch."""
+    """(largest |logit difference| between torchvision and npmnv3 on one input, largest |logit|), or
+    None without torch."""
     try:
         import torch
         import torchvision
@@ -73,7 +74,7 @@ def compare_with_torchvision(model):
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
-    return float(np.abs(model(x) - expected).max())
+    return float(np.abs(model(x) - expected).max()), float(np.abs(expected).max())
 
 
 def main(argv=None):
@@ -86,7 +87,7 @@ def main(argv=None):
             meta = entry.meta()
         else:
             src = args.paths[0]
-            meta = W.meta_for_file(args.arch or "", src)
+            meta = W.meta_for_file(src)
         state_dict = npmnv3.load_state_dict(src)
         model = build_model(state_dict, meta, args)
         stored = model.state_dict()
@@ -104,11 +105,13 @@ def main(argv=None):
     if not args.no_check:
         check = npmnv3.MobileNetV3(model.arch, **model.options)
         check.load_state_dict(npmnv3.load_state_dict(out))
-        diff = compare_with_torchvision(check)
-        if diff is None:
+        compared = compare_with_torchvision(check)
+        if compared is None:
             print("torch is not installed: skipped the comparison with torchvision")
         else:
-            print(f"max |logit difference| npmnv3 (from {out}) vs torchvision: {diff:.3g}")
+            diff, scale = compared
+            print(f"npmnv3 (from {out}) vs torchvision: max |logit difference| {diff:.3g}, "
+                  f"relative {diff / max(scale, 1e-30):.2g} (largest |logit| {scale:.3g})")
     return 0
 
 

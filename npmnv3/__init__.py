@@ -16,15 +16,16 @@ __version__ = "0.1.0"
 
 
 def mobilenet_v3_large(weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False,
-                       num_classes=None, dtype="float32", seed=0, threads=None, offline=None,
+                       num_classes=None, dtype=None, seed=0, threads=None, offline=None,
                        progress=None):
     """MobileNetV3-Large, as torchvision's ``mobilenet_v3_large``.
 
     weights: None (random, torchvision's init with ``seed``), "DEFAULT" (= "IMAGENET1K_V2"),
     "IMAGENET1K_V1", or a path to a ``.pth`` (torch.save) or ``.npz`` (npmnv3) file.
     Official weights are downloaded once to the cache (see ``npmnv3.hub``); ``offline=True`` or
-    ``NPMNV3_OFFLINE=1`` forbids the network. ``dtype`` is "float32" or "float64". ``threads``: how
-    many threads a forward pass may use (default: the number of cores; 1 starts none).
+    ``NPMNV3_OFFLINE=1`` forbids the network. ``dtype`` is "float32" or "float64" (default: what an
+    npmnv3 ``.npz`` records, else float32). ``threads``: how many threads a forward pass may use
+    (default: the number of cores; 1 starts none).
     """
     return build("mobilenet_v3_large", weights, width_mult=width_mult, reduced_tail=reduced_tail,
                  dilated=dilated, num_classes=num_classes, dtype=dtype, seed=seed, threads=threads,
@@ -32,7 +33,7 @@ def mobilenet_v3_large(weights=None, *, width_mult=1.0, reduced_tail=False, dila
 
 
 def mobilenet_v3_small(weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False,
-                       num_classes=None, dtype="float32", seed=0, threads=None, offline=None,
+                       num_classes=None, dtype=None, seed=0, threads=None, offline=None,
                        progress=None):
     """MobileNetV3-Small, as torchvision's ``mobilenet_v3_small``.
 

@@ -1,17 +1,28 @@
 """The ``npmnv3`` command line (also ``python -m npmnv3``): ``predict``, ``summary``, ``evaluate``.
 
-Errors print one line naming the file or argument at fault and exit with status 1, no traceback.
+Errors print one line naming the file or argument at fault and exit with status 1, no traceback;
+usage errors exit with status 2 (argparse's). Output cut short by a closed pipe (``| head``)
+ends quietly.
 """
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 import npmnv3
+from npmnv3 import weights as W
 from npmnv3.config import ARCHS
+from npmnv3.errors import StateDictError
+from npmnv3.predict import DEFAULT_ARCH, classify, find_labelled_images, recipe
 
 ARCH_CHOICES = list(ARCHS)
 SAMPLE = "grace_hopper.jpg"
+
+
+class CommandError(ValueError):
+    """A one-line error for the user, printed as it is."""
 
 
 def sample_image():
@@ -19,21 +30,39 @@ def sample_image():
     try:
         from matplotlib import cbook
     except ImportError as exc:
-        raise ValueError("no IMAGE given, and the sample photograph comes with matplotlib, which is not "
-                         "installed: pip install matplotlib, or name an image") from exc
+        raise CommandError("no IMAGE given, and the sample photograph comes with matplotlib, which is not "
+                           "installed: pip install matplotlib, or name an image") from exc
     return cbook.get_sample_data(SAMPLE, asfileobj=False)
 
 
-def _add_model_arguments(p):
-    p.add_argument("--arch", choices=ARCH_CHOICES, default="mobilenet_v3_large",
-                   help="network (default mobilenet_v3_large)")
+def positive_int(text):
+    """argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _add_model_arguments(p, recipe_options=True):
+    p.add_argument("--arch", choices=ARCH_CHOICES,
+                   help="network (default: the one the --weights file holds, else mobilenet_v3_large)")
     p.add_argument("--weights", default="DEFAULT", metavar="NAME|PATH",
                    help="DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2 (Large only), or a .pth / .npz file")
     p.add_argument("--offline", action="store_true", help="never use the network (as NPMNV3_OFFLINE=1)")
+    if recipe_options:
+        p.add_argument("--resize", type=positive_int, metavar="N",
+                       help="resize the short side to N (default: the weights' recipe, e.g. 232 or 256)")
+        p.add_argument("--crop", type=positive_int, metavar="N", help="centre crop N x N (default: 224)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="npmnv3", description="MobileNetV3 in pure NumPy.")
+    parser.add_argument("--version", action="version", version=f"npmnv3 {npmnv3.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("predict", help="top-k ImageNet labels for images",
@@ -42,56 +71,154 @@ def build_parser():
                                         "downloads the official weights (10-22 MB) to the cache.")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     _add_model_arguments(p)
-    p.add_argument("--topk", type=int, default=5, help="predictions per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5, help="predictions per image (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
+                   help="images per forward pass (default 16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--exif-transpose", action="store_true",
                    help="rotate images as their EXIF orientation says (torchvision does not)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="go on past images that cannot be read: report each on stderr (and as an \"error\" "
+                        "entry with --json); the exit status is 1 if any failed")
     p.set_defaults(run=run_predict)
 
     p = commands.add_parser("summary", help="per-layer table: output shape, params, MACs",
-                            description="Print the per-layer table of output shapes, parameters and MACs.")
-    p.add_argument("--arch", choices=ARCH_CHOICES, default="mobilenet_v3_large")
-    p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+                            description="Print the per-layer table of output shapes, parameters and "
+                                        "multiply-accumulates (random weights: only the shapes matter).")
+    p.add_argument("--arch", choices=ARCH_CHOICES, default=DEFAULT_ARCH,
+                   help="network (default mobilenet_v3_large)")
+    p.add_argument("--size", type=positive_int, default=224, metavar="N", help="input height and width (default 224)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run_summary)
 
     p = commands.add_parser("evaluate", help="top-1 / top-5 accuracy over a labelled folder",
                             description="Top-1 and top-5 accuracy over FOLDER, laid out one sub-folder per "
                                         "class (WordNet IDs like n01440764, or class names).")
-    p.add_argument("folder", metavar="FOLDER")
+    p.add_argument("folder", metavar="FOLDER",
+                   help="a folder with one sub-folder of images per class, named n01440764/ or tench/")
     _add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
+                   help="images per forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=run_evaluate)
     return parser
 
 
+# --------------------------------------------------------------------------- the model a command uses
+
+def _offline(args):
+    return "--offline" if args.offline else None
+
+
+def load_model(args):
+    """The network for --arch / --weights: a file's own architecture unless --arch says otherwise."""
+    weights = args.weights
+    if not W.is_official_name(args.arch or DEFAULT_ARCH, weights) and (
+            os.path.exists(weights) or "." in os.path.basename(weights) or os.sep in weights):
+        state_dict, meta = npmnv3.load_state_dict(weights), W.meta_for_file(weights)
+        found = W.options_in(state_dict, meta)
+        if args.arch and found and found["arch"] != args.arch:
+            raise CommandError(f"--weights {weights}: these weights are {found['arch']} ({len(state_dict)} tensors); "
+                               f"drop --arch or pass --arch {found['arch']}")
+        options = {k: found[k] for k in ("width_mult", "reduced_tail", "dilated", "num_classes", "dtype")
+                   if found and k in found}
+        try:
+            return W.assemble(args.arch or (found or {}).get("arch", DEFAULT_ARCH), state_dict, meta, **options)
+        except StateDictError as exc:
+            raise CommandError(f"--weights {weights}: {exc.summary}") from exc
+    return W.build(args.arch or DEFAULT_ARCH, weights, offline=_offline(args))
+
+
+def say_recipe(net, args):
+    """Tell once on stderr which preprocessing is used when it is a guess."""
+    if net.meta.get("recipe_guessed") and not (args.resize and args.crop):
+        r = recipe(net, args.resize, args.crop)
+        print(f"npmnv3: {args.weights} does not say how its images were preprocessed; using torchvision's "
+              f"default recipe: resize {r['resize_size']}, crop {r['crop_size']} (set --resize / --crop)",
+              file=sys.stderr)
+
+
+def check_images(paths):
+    """[(path, ImageError or None)]: each input checked (it exists and its header opens) before any
+    weights are loaded or downloaded."""
+    return [(path, _image_problem(path)) for path in paths]
+
+
+def _image_problem(path):
+    try:
+        npmnv3.images.check_image(path)
+    except npmnv3.ImageError as exc:
+        return exc
+    return None
+
+
+# --------------------------------------------------------------------------- commands
+
+def probability_digits(probabilities):
+    """Significant digits (4 to 15) that print ``probabilities`` (sorted, highest first) so that any two
+    that differ look different: 4 for a trained network, more when they are close (random weights)."""
+    for digits in range(4, 16):
+        shown = [f"{100 * p:.{digits}g}" for p in probabilities]
+        if all(a != b for a, b, p, q in zip(shown, shown[1:], probabilities, probabilities[1:]) if p != q):
+            return digits
+    return 15
+
+
 def run_predict(args):
-    images = args.images or [sample_image()]
-    results = npmnv3.predict(images, model=args.arch, weights=args.weights, topk=args.topk,
-                             exif_transpose=args.exif_transpose, offline=args.offline or None)
+    paths = args.images or [sample_image()]
+    checked = check_images(paths)
+    bad = [(path, exc) for path, exc in checked if exc is not None]
+    if bad and not args.keep_going:
+        raise bad[0][1]
+    net = load_model(args)
+    if args.topk > net.num_classes:
+        raise CommandError(f"--topk: expected at most {net.num_classes} (the number of classes), got {args.topk}")
+    say_recipe(net, args)
+    good = [path for path, exc in checked if exc is None]
+    results = dict(bad)
+    if good:
+        progress = len(good) > args.batch_size and sys.stderr.isatty()
+        out = classify(net, good, [None] * len(good), args.topk, args.batch_size, args.exif_transpose,
+                       keep_going=args.keep_going, progress=progress, resize_size=args.resize, crop_size=args.crop)
+        results.update(zip(good, out))
+    failed = 0
+    entries = []
+    for path in paths:
+        result = results[path]
+        if isinstance(result, npmnv3.ImageError):
+            failed += 1
+            print(f"npmnv3 predict: error: {result}", file=sys.stderr)
+            entries.append(dict(image=str(path), error=str(result)))
+        else:
+            entries.append(dict(image=str(path), predictions=result))
     if args.json:
-        print(json.dumps([dict(image=str(img), predictions=preds) for img, preds in zip(images, results)],
-                         indent=2))
-        return 0
-    for img, preds in zip(images, results):
-        print(img)
-        for rank, p in enumerate(preds, 1):
-            print(f"  {rank:2d}. {p['label']:<32} {100 * p['probability']:6.2f}%  (class {p['index']})")
-    return 0
+        print(json.dumps(entries, indent=2))
+    else:
+        for entry in entries:
+            if "predictions" not in entry:
+                continue
+            print(entry["image"])
+            digits = probability_digits([p["probability"] for p in entry["predictions"]])
+            for rank, p in enumerate(entry["predictions"], 1):
+                shown = f"{100 * p['probability']:.{digits}g}%"
+                print(f"  {rank:2d}. {p['label']:<32} {shown:>{digits + 3}}  (class {p['index']})")
+    return 1 if failed else 0
 
 
 def run_summary(args):
-    if args.size < 1:
-        raise ValueError(f"--size: expected a positive integer, got {args.size}")
-    npmnv3.summary(getattr(npmnv3, args.arch)(), input_size=args.size)
+    model = getattr(npmnv3, args.arch)()
+    result = npmnv3.summary(model, input_size=args.size, print_table=not args.json)
+    if args.json:
+        print(json.dumps(dict(arch=args.arch, input_size=args.size, **result), indent=2))
     return 0
 
 
 def run_evaluate(args):
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    result = npmnv3.evaluate(args.folder, model=args.arch, weights=args.weights, batch_size=args.batch_size,
-                             offline=args.offline or None)
+    find_labelled_images(args.folder)       # a bad folder is reported before any download
+    net = load_model(args)
+    say_recipe(net, args)
+    result = npmnv3.evaluate(args.folder, model=net, batch_size=args.batch_size, resize_size=args.resize,
+                             crop_size=args.crop)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -100,10 +227,16 @@ def run_evaluate(args):
     return 0
 
 
+# --------------------------------------------------------------------------- entry points
+
 def main(argv=None):
+    """Run the command line in this process (the tests call this); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except StateDictError as exc:
+        print(f"npmnv3 {args.command}: error: {exc.summary}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as exc:      # ImageError, WeightsFormatError, DownloadError, ...
         message = str(exc).replace("\n", " ")
         print(f"npmnv3 {args.command}: error: {message}", file=sys.stderr)
@@ -111,3 +244,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("npmnv3: interrupted", file=sys.stderr)
         return 130
+
+
+def console():
+    """The ``npmnv3`` program: as ``main``, but a closed output pipe ends it quietly, as it does any
+    Unix tool (the default action of SIGPIPE, restored for this process, which is the program)."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -35,6 +35,7 @@ import glob
 import hashlib
 import http.client
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -114,7 +115,8 @@ def _error(target: _Target, reason: str) -> DownloadError:
         f"The file was expected at {target.path}. To place it there by hand, "
         f"download {target.url} with a browser and save it as {target.path} "
         f"({target.size:,} bytes, SHA-256 {target.sha256}), "
-        f"or set NPMNV3_HOME to a folder that already holds it."
+        f"or set NPMNV3_HOME to a folder that already holds it, "
+        f"or pass the file's path (weights=PATH; on the command line --weights PATH)."
     )
 
 
@@ -127,6 +129,8 @@ def _describe(exc: BaseException, timeout: float) -> str:
         if isinstance(inner, BaseException):
             return _describe(inner, timeout)
         return f"the URL could not be opened ({inner})"
+    if isinstance(exc, socket.gaierror):
+        return f"no network: the server's name could not be resolved ({exc.strerror or exc})"
     if isinstance(exc, TimeoutError):
         return f"the server sent nothing for {timeout:g} s (timed out)"
     if isinstance(exc, http.client.HTTPException):
@@ -204,10 +208,12 @@ def _resolve_url(base_url: Optional[str], filename: str) -> str:
     return base + urllib.parse.quote(filename)
 
 
-def _network_forbidden(offline: Optional[bool]) -> Optional[str]:
-    """Why the network may not be used, or None when it may."""
+def _network_forbidden(offline: Union[None, bool, str]) -> Optional[str]:
+    """Why the network may not be used (what the user set), or None when it may."""
     if offline is None:
         return "NPMNV3_OFFLINE=1" if os.environ.get("NPMNV3_OFFLINE") == "1" else None
+    if isinstance(offline, str):
+        return offline or None
     return "offline=True" if offline else None
 
 
@@ -360,7 +366,7 @@ def _remove_quietly(path: str) -> None:
 def fetch(filename: str, sha256: str, size: int, *,
           base_url: Optional[str] = None,
           directory: Union[str, os.PathLike, None] = None,
-          offline: Optional[bool] = None,
+          offline: Union[None, bool, str] = None,
           progress: ProgressArg = None,
           timeout: float = 30.0) -> Path:
     """Return the path of a local copy of ``filename`` whose size and SHA-256 match.
@@ -378,8 +384,9 @@ def fetch(filename: str, sha256: str, size: int, *,
         The file name is appended.
     directory : path, optional
         Cache folder to use instead of :func:`cache_dir`.
-    offline : bool or None
-        True forbids the network; None means ``$NPMNV3_OFFLINE == "1"``.
+    offline : bool, str or None
+        True, or a non-empty string naming the setting that asked for it (e.g. ``"--offline"``,
+        used in the message), forbids the network; None means ``$NPMNV3_OFFLINE == "1"``.
     progress : None, bool or callable
         None shows a bar on stderr only when stderr is a terminal; True / False force it on / off;
         a callable receives ``(done, total)`` byte counts after each chunk.

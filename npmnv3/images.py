@@ -135,6 +135,7 @@ from PIL import Image, ImageFile, ImageOps
 from .errors import ImageError
 
 __all__ = [
+    "check_image",
     "DEFAULT_CROP",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_RESIZE",
@@ -398,13 +399,21 @@ def _decode(img: Image.Image, label: str, max_pixels: Optional[int], closed_hint
         _check_pixels(img.size, max_pixels, label)
 
 
-def _open_encoded(fp: io.BufferedIOBase, head: bytes, label: str, max_pixels: Optional[int]) -> Image.Image:
+def _open_encoded(fp: io.BufferedIOBase, head: bytes, label: str, max_pixels: Optional[int],
+                  decode: bool = True) -> Image.Image:
     """Open an encoded image from a seekable binary stream, check its size, decode frame 0.
 
-    The returned image is fully loaded; the caller closes it after conversion.
+    The returned image is fully loaded; the caller closes it after conversion. With ``decode``
+    False only the header is read and checked, and the image is returned closed.
     """
     img = _identify(fp, head, label)
     try:
+        if not decode:
+            if isinstance(img, ImageFile.StubImageFile) and getattr(img, "_handler", None) is None:
+                raise _no_decoder(img, label)
+            _check_pixels(img.size, max_pixels, label)
+            img.close()
+            return img
         # Image.open leaves a multi-frame image on frame 0: decode that one.
         _decode(img, label, max_pixels)
     except BaseException:
@@ -413,7 +422,7 @@ def _open_encoded(fp: io.BufferedIOBase, head: bytes, label: str, max_pixels: Op
     return img
 
 
-def _read_path(source: Any, label: str, max_pixels: Optional[int]) -> Image.Image:
+def _read_path(source: Any, label: str, max_pixels: Optional[int], decode: bool = True) -> Image.Image:
     path = os.fspath(source)
     text = os.fsdecode(path)
     try:
@@ -438,7 +447,7 @@ def _read_path(source: Any, label: str, max_pixels: Optional[int]) -> Image.Imag
             f.seek(0)
         except OSError as e:
             raise ImageError(f"{label}: cannot read: {e.strerror or e}") from e
-        return _open_encoded(f, head, label, max_pixels)
+        return _open_encoded(f, head, label, max_pixels, decode)
 
 
 def _read_bytes(data: bytes, label: str, what: str, max_pixels: Optional[int]) -> Image.Image:
@@ -544,6 +553,26 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
         raise
     except Exception as e:
         raise ImageError(f"{label}: cannot convert image mode {mode!r} to RGB: {e}") from e
+
+
+def check_image(source: Any, *, name: Optional[str] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
+    """Check, without decoding pixels, that ``source`` can be read: the quick check made before work.
+
+    For a path, bytes or a binary file object: it exists and can be read, Pillow recognises its
+    format and has a decoder for it, and its size is within ``max_pixels``. Other inputs are checked
+    by ``load_image`` itself. Raises ImageError as ``load_image`` would; what only decoding reveals
+    (a truncated or corrupt image) is reported when the image is loaded.
+    """
+    label = _label(source, name)
+    if isinstance(source, (str, os.PathLike)):
+        _read_path(source, label, max_pixels, decode=False)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError(f"{label}: bytes input is empty (0 bytes)")
+        _open_encoded(io.BytesIO(data), data[:_SNIFF_BYTES], label, max_pixels, decode=False)
+    else:
+        load_image(source, name=name, max_pixels=max_pixels).close()
 
 
 def load_image(

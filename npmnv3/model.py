@@ -27,7 +27,7 @@ engine (``engine/``: weights prepared once, BN folded, NHWC layouts); tests hold
 import numpy as np
 
 from . import kernels as K
-from .config import Block, classifier_layers, mobilenet_v3_features, parameter_list
+from .config import ARCHS, Block, classifier_layers, mobilenet_v3_features, parameter_list
 from .engine import Engine
 from .parameters import Parameters
 from .serialization import save_state_dict
@@ -147,6 +147,47 @@ def check_dtype(dtype):
     return dtype
 
 
+# --------------------------------------------------------------------------- recognising weights
+
+RECOGNISED_WIDTHS = (1.0, 0.75, 0.5, 1.25, 1.5, 0.35)     # width multipliers ``recognise`` tries
+
+
+def recognise(state_dict):
+    """What MobileNetV3 a state dict is: ``{"arch", "width_mult", "reduced_tail", "num_classes"}`` or None.
+
+    The keys and shapes are matched against both architectures with torchvision's options (width
+    multipliers ``RECOGNISED_WIDTHS``, reduced tail or not; ``dilated`` changes no shape, so it
+    cannot be told and is taken as False). ``num_batches_tracked`` counters are ignored.
+    """
+    shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not str(k).endswith("num_batches_tracked")}
+    head, stem = shapes.get("classifier.3.weight"), shapes.get("features.0.0.weight")
+    if head is None or stem is None or len(head) != 2 or len(stem) != 4:
+        return None
+    for arch in ARCHS:
+        for reduced_tail in (False, True):
+            for width_mult in RECOGNISED_WIDTHS:
+                features, last_channel = mobilenet_v3_features(arch, width_mult, reduced_tail)
+                if features[0].out_channels != stem[0]:
+                    continue
+                layers = features + classifier_layers(features[-1].out_channels, last_channel, head[0])
+                expected = {key: tuple(shape) for key, shape, kind in parameter_list(layers) if kind != "counter"}
+                if expected == shapes:
+                    return dict(arch=arch, width_mult=width_mult, reduced_tail=reduced_tail, num_classes=head[0])
+    return None
+
+
+def describe_weights(state_dict):
+    """``(recognise(state_dict), "these weights are ...")``: what a state dict is, in one phrase."""
+    found = recognise(state_dict)
+    count = f"{len(state_dict)} tensors"
+    if found is None:
+        return None, f"these weights are no MobileNetV3 npmnv3 knows ({count})"
+    options = [f"width_mult={found['width_mult']}"] if found["width_mult"] != 1.0 else []
+    options += ["reduced_tail=True"] if found["reduced_tail"] else []
+    options += [f"num_classes={found['num_classes']}"] if found["num_classes"] != 1000 else []
+    return found, f"these weights are {found['arch']}" + (f" ({', '.join(options)})" if options else "") + f" ({count})"
+
+
 # --------------------------------------------------------------------------- the network
 
 class MobileNetV3:
@@ -208,16 +249,17 @@ class MobileNetV3:
         Raises ``StateDictError`` (a ValueError) once, listing every missing, unexpected and
         mis-shaped key; nothing is loaded then. With ``strict=False`` missing and unexpected keys
         are allowed (as in PyTorch), mis-shaped ones never are. ``num_batches_tracked`` keys are
-        optional and ignored.
+        optional and ignored. The error's first line says what the weights are, when npmnv3 can tell.
         """
-        self.params.load(state_dict, strict)
+        self.params.load(state_dict, strict, recognise=describe_weights)
 
     def save(self, path):
-        """Write the weights to npmnv3's ``.npz`` format, with the architecture and ``meta`` as JSON.
+        """Write the weights to npmnv3's ``.npz`` format, with the architecture, options, dtype and ``meta``
+        as JSON.
 
-        ``npmnv3.mobilenet_v3_large(weights=path)`` (or ``_small``) reads it back.
+        ``npmnv3.mobilenet_v3_large(weights=path)`` (or ``_small``) reads it back in the same dtype.
         """
-        metadata = dict(self.meta, arch=self.arch, **self.options)
+        metadata = dict(self.meta, arch=self.arch, dtype=self.dtype.name, **self.options)
         save_state_dict(self.state_dict(), path, metadata=metadata)
 
     def layer_table(self, height, width):

@@ -110,15 +110,19 @@ class Parameters(Mapping):
             problems.append(f"mis-shaped keys ({len(wrong)}): " + "; ".join(wrong))
         return problems
 
-    def load(self, state_dict, strict=True):
+    def load(self, state_dict, strict=True, recognise=None):
         """Replace parameters by those of ``state_dict`` (cast to ``dtype``), all or nothing.
 
         Raises ``StateDictError`` once, listing every missing, unexpected and mis-shaped key; with
         ``strict=False`` missing and unexpected keys are allowed (as in PyTorch), mis-shaped ones never.
+        ``recognise(state_dict)``, when given, returns ``(found, description)``: what the weights are,
+        for the error's first line.
         """
         problems = self.problems(state_dict, strict)
         if problems:
-            raise StateDictError(f"state_dict does not fit {self.owner}:\n  " + "\n  ".join(problems))
+            found, description = recognise(state_dict) if recognise else (None, None)
+            summary = f"state_dict does not fit {self.owner}" + (f": {description}" if description else "")
+            raise StateDictError(summary + "\n  " + "\n  ".join(problems), found=found)
         for key in self._arrays:
             if key in state_dict:
                 self._arrays[key] = self._frozen(state_dict[key])

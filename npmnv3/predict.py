@@ -10,9 +10,11 @@ from .errors import ImageError
 from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD, preprocess
 from .imagenet import class_index
 from .model import MobileNetV3
-from .weights import build
+from .serialization import load_state_dict
+from .weights import assemble, build, meta_for_file, options_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+DEFAULT_ARCH = "mobilenet_v3_large"
 
 
 def softmax(logits):
@@ -26,69 +28,144 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def get_model(model="mobilenet_v3_large", weights="DEFAULT", offline=None):
+def _is_path(weights):
+    """Whether ``weights`` names a file (a path object, or a string that is a file or looks like one)."""
+    if isinstance(weights, str):
+        return Path(weights).exists() or "." in Path(weights).name or "/" in weights
+    return hasattr(weights, "__fspath__")
+
+
+def get_model(model=None, weights="DEFAULT", offline=None):
     """A ``MobileNetV3`` for predict(): ``model`` itself if it is one, else a new one built with ``weights``.
 
-    Nothing is kept between calls: a name builds the network again (reading and checking its
-    weights file). To classify many images, pass them as one list, or build the model once and
-    pass it as ``model``.
+    ``model`` None takes the architecture from a weights file (its ``.npz`` metadata, or its keys
+    and shapes), else Large. Nothing is kept between calls: a name builds the network again
+    (reading and checking its weights file). To classify many images, pass them as one list, or
+    build the model once and pass it as ``model``.
     """
     if isinstance(model, MobileNetV3):
         return model
-    if model not in ARCHS:
+    if model is not None and model not in ARCHS:
         raise ValueError(f"model: expected one of {', '.join(ARCHS)} or a MobileNetV3 instance, got {model!r}")
-    return build(model, weights, offline=offline)
+    if model is None and _is_path(weights):
+        state_dict, meta = load_state_dict(weights), meta_for_file(weights)
+        found = options_in(state_dict, meta) or {}
+        options = {k: found[k] for k in ("width_mult", "reduced_tail", "dilated", "num_classes", "dtype") if k in found}
+        return assemble(found.get("arch", DEFAULT_ARCH), state_dict, meta, **options)
+    return build(model or DEFAULT_ARCH, weights, offline=offline)
 
 
-def _labels(net):
+def labels(net):
+    """Class names of ``net``: its weights' categories, else "class 0", "class 1", ..."""
     names = net.meta.get("categories")
     if names is None or len(names) != net.num_classes:
         names = [f"class {i}" for i in range(net.num_classes)]
     return names
 
 
-def _preprocess_kwargs(net):
+def recipe(net, resize_size=None, crop_size=None):
+    """``preprocess`` arguments for ``net``: its weights' recipe, or torchvision's default; the
+    given sizes replace the recipe's."""
     meta = net.meta
-    return dict(resize_size=meta.get("resize_size", DEFAULT_RESIZE), crop_size=meta.get("crop_size", DEFAULT_CROP),
+    return dict(resize_size=resize_size or meta.get("resize_size", DEFAULT_RESIZE),
+                crop_size=crop_size or meta.get("crop_size", DEFAULT_CROP),
                 mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)))
 
 
-def predict(images, model="mobilenet_v3_large", weights="DEFAULT", topk=5, batch_size=16,
-            exif_transpose=False, offline=None):
+def progress_bar(done, total, stream, what="images"):
+    """One ``\\r`` line: ``[#####.....] done/total images``, ended by a newline when complete."""
+    width = 30
+    filled = width * done // total
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}")
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def _check_positive(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+
+
+def classify(net, images, names, topk=5, batch_size=16, exif_transpose=False, keep_going=False,
+             progress=False, resize_size=None, crop_size=None):
+    """Top-k results per image, in batches; with ``keep_going`` a bad image's entry is its ImageError.
+
+    ``names[i]`` is how image i is called in messages (None: its path or kind).
+    """
+    kwargs = recipe(net, resize_size, crop_size)
+    labels_ = labels(net)
+    results = [None] * len(images)
+    pending = []        # (index, preprocessed image)
+
+    def run(batch):
+        probs = softmax(net(np.stack([x for _, x in batch])))
+        for (i, _), row in zip(batch, probs):
+            order = np.argsort(-row, kind="stable")[:topk]
+            results[i] = [dict(index=int(k), label=labels_[k], probability=float(row[k])) for k in order]
+
+    for i, image in enumerate(images):
+        try:
+            pending.append((i, preprocess(image, exif_transpose=exif_transpose, name=names[i], **kwargs)))
+        except ImageError as exc:
+            if not keep_going:
+                raise
+            results[i] = exc
+        if len(pending) == batch_size or (i == len(images) - 1 and pending):
+            run(pending)
+            pending = []
+        if progress:
+            progress_bar(i + 1, len(images), sys.stderr)
+    return results
+
+
+def predict(images, model=None, weights="DEFAULT", topk=5, batch_size=16, exif_transpose=False, offline=None,
+            progress=None, resize_size=None, crop_size=None):
     """Top-k ImageNet predictions for one image or a list of images.
 
-    images: a path, bytes, a binary file object, a PIL image, an HWC uint8 RGB or HW grey array,
-        or a list of any of these (run in batches of ``batch_size``).
-    model: "mobilenet_v3_large", "mobilenet_v3_small", or a ``MobileNetV3`` instance (then
-        ``weights`` is ignored and its own preprocessing metadata, if any, is used). A name builds
-        the network for this call only (see ``get_model``).
-    weights: "DEFAULT", an official weights name, or a path (see ``npmnv3.mobilenet_v3_large``).
-    topk: how many predictions per image, 1 <= topk <= number of classes.
+    Parameters
+    ----------
+    images : image or list of images
+        A path, bytes, a binary file object, a PIL image, an HWC uint8 RGB or HW grey array, or a
+        list of any of these (run in batches of ``batch_size``).
+    model : None, str or MobileNetV3
+        "mobilenet_v3_large", "mobilenet_v3_small", a ``MobileNetV3`` instance (then ``weights``
+        is ignored and its own preprocessing metadata, if any, is used), or None: the architecture
+        of the weights file, else Large. A name builds the network for this call only.
+    weights : str or path
+        "DEFAULT", an official weights name, or a path (see ``npmnv3.mobilenet_v3_large``).
+    topk : int
+        How many predictions per image, 1 <= topk <= number of classes.
+    progress : bool or None
+        A progress bar on stderr; None: when stderr is a terminal and there is more than one batch.
+    resize_size, crop_size : int or None
+        Replace the weights' preprocessing recipe (resize 232 for Large IMAGENET1K_V2, 256 otherwise;
+        centre crop 224).
 
-    Returns, for one image, a list of ``topk`` dicts ``{"index", "label", "probability"}`` sorted by
-    probability, highest first; for a list, one such list per image. Preprocessing follows the
-    weights' recipe (resize 232 for Large IMAGENET1K_V2, 256 otherwise; centre crop 224).
-    Bad images raise ``ImageError`` naming the image (its path or its index in the list).
+    Returns
+    -------
+    predictions : list
+        For one image, ``topk`` dicts ``{"index", "label", "probability"}`` sorted by probability,
+        highest first; for a list, one such list per image.
+
+    Raises
+    ------
+    ImageError
+        A bad image, named by its path or its index in the list.
     """
     single = not isinstance(images, (list, tuple))
     batch = [images] if single else list(images)
     if not batch:
         raise ImageError("images: expected an image or a non-empty list of images, got an empty list")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    _check_positive(batch_size, "batch_size")
     net = get_model(model, weights, offline=offline)
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= net.num_classes:
         raise ValueError(f"topk: expected an integer from 1 to {net.num_classes}, got {topk!r}")
-    labels, kwargs = _labels(net), _preprocess_kwargs(net)
-    results = []
-    for start in range(0, len(batch), batch_size):
-        chunk = batch[start:start + batch_size]
-        x = np.stack([preprocess(img, exif_transpose=exif_transpose, name=None if single else f"image {start + i}",
-                                 **kwargs) for i, img in enumerate(chunk)])
-        probs = softmax(net(x))
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:topk]
-            results.append([dict(index=int(k), label=labels[k], probability=float(row[k])) for k in order])
+    if progress is None:
+        progress = len(batch) > batch_size and sys.stderr.isatty()
+    names = [None] if single else [f"image {i}" for i in range(len(batch))]
+    results = classify(net, batch, names, topk, batch_size, exif_transpose, progress=progress,
+                       resize_size=resize_size, crop_size=crop_size)
     return results[0] if single else results
 
 
@@ -101,8 +178,10 @@ def find_labelled_images(folder):
     Files whose suffix is not an image suffix are ignored; sub-folders are searched recursively.
     """
     root = Path(folder)
+    if not root.exists():
+        raise ValueError(f"folder {str(root)!r}: does not exist")
     if not root.is_dir():
-        raise ValueError(f"folder {str(root)!r}: expected a directory with one sub-folder per class")
+        raise ValueError(f"folder {str(root)!r}: is a file, expected a directory with one sub-folder per class")
     samples = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
@@ -118,26 +197,19 @@ def find_labelled_images(folder):
     return samples
 
 
-def _progress(done, total, stream):
-    width = 30
-    filled = width * done // total
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images")
-    if done == total:
-        stream.write("\n")
-    stream.flush()
-
-
-def evaluate(folder, model="mobilenet_v3_large", weights="DEFAULT", batch_size=32, progress=None,
-             offline=None):
+def evaluate(folder, model=None, weights="DEFAULT", batch_size=32, progress=None, offline=None,
+             resize_size=None, crop_size=None):
     """Top-1 and top-5 accuracy over a folder laid out one sub-folder per class.
 
     Returns ``{"top1", "top5", "count", "correct1", "correct5"}`` (accuracies as fractions).
     A progress bar goes to stderr when it is a terminal (``progress=True/False`` forces it).
-    A bad image raises ``ImageError`` naming its path; none is skipped silently.
+    A bad image raises ``ImageError`` naming its path; none is skipped silently. ``model``,
+    ``weights``, ``resize_size`` and ``crop_size`` as for ``predict``.
     """
+    _check_positive(batch_size, "batch_size")
     samples = find_labelled_images(folder)
     net = get_model(model, weights, offline=offline)
-    kwargs = _preprocess_kwargs(net)
+    kwargs = recipe(net, resize_size, crop_size)
     show = sys.stderr.isatty() if progress is None else progress
     correct1 = correct5 = 0
     for start in range(0, len(samples), batch_size):
@@ -149,6 +221,6 @@ def evaluate(folder, model="mobilenet_v3_large", weights="DEFAULT", batch_size=3
             correct1 += int(best[0] == label)
             correct5 += int(label in best)
         if show:
-            _progress(start + len(chunk), len(samples), sys.stderr)
+            progress_bar(start + len(chunk), len(samples), sys.stderr)
     count = len(samples)
     return dict(top1=correct1 / count, top5=correct5 / count, count=count, correct1=correct1, correct5=correct5)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import hub
 from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD
 from .imagenet import categories
-from .model import MobileNetV3
+from .model import MobileNetV3, recognise
 from .serialization import load_metadata, load_state_dict
 
 
@@ -93,17 +93,24 @@ def is_official_name(arch, weights):
     return True
 
 
-def meta_for_file(arch, path):
+def default_recipe():
+    """torchvision's classification recipe when nothing says otherwise: resize 256, crop 224, ImageNet
+    mean and std (``recipe_guessed`` marks it as a guess)."""
+    return dict(resize_size=DEFAULT_RESIZE, crop_size=DEFAULT_CROP, mean=list(IMAGENET_MEAN),
+                std=list(IMAGENET_STD), recipe_guessed=True)
+
+
+def meta_for_file(path):
     """Preprocessing and class names for a weights file given by path.
 
-    An official file (recognised by its SHA-256) gets its registry entry; a ``.npz`` written by
-    npmnv3 carries its own metadata; anything else gets torchvision's defaults (``images.DEFAULT_RESIZE``,
-    ``images.DEFAULT_CROP``).
+    An official file (recognised by its size and SHA-256) gets its registry entry; a ``.npz``
+    written by npmnv3 carries its own metadata (architecture, options, dtype and, when it was saved
+    from official weights, their recipe); anything else gets ``default_recipe()``, marked as a guess.
     """
     path = Path(path)
     stored = load_metadata(path)
-    if stored.get("resize_size"):
-        meta = dict(stored)
+    if stored.get("arch"):
+        meta = dict(stored) if stored.get("resize_size") else dict(default_recipe(), **stored)
         meta.setdefault("categories", categories() if stored.get("num_classes", 1000) == 1000 else None)
         return meta
     if path.stat().st_size in {w.size for w in OFFICIAL.values()}:
@@ -111,8 +118,19 @@ def meta_for_file(arch, path):
         for w in OFFICIAL.values():
             if w.sha256 == digest:
                 return w.meta()
-    return dict(arch=arch, weights=str(path), resize_size=DEFAULT_RESIZE, crop_size=DEFAULT_CROP,
-                mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), categories=categories())
+    return dict(default_recipe(), weights=str(path), categories=categories())
+
+
+def options_in(state_dict, meta):
+    """What network ``state_dict`` fits: ``{"arch", "width_mult", "reduced_tail", "num_classes", ...}`` or None.
+
+    From ``meta`` when it records an architecture (an npmnv3 ``.npz``, official weights), else
+    recognised from the keys and shapes (``model.recognise``).
+    """
+    if meta.get("arch"):        # recorded with the weights (a file of unknown origin has none)
+        keys = ("width_mult", "reduced_tail", "dilated", "num_classes", "dtype")
+        return dict({k: meta[k] for k in keys if k in meta}, arch=meta["arch"])
+    return recognise(state_dict)
 
 
 def resolve(arch, weights, offline=None, progress=None):
@@ -133,7 +151,7 @@ def resolve(arch, weights, offline=None, progress=None):
         path = Path(weights)
         if not path.exists() and isinstance(weights, str) and "." not in path.name and "/" not in weights:
             get_weights(arch, weights)    # a mistyped name: raises with the list of known names
-        return load_state_dict(path), meta_for_file(arch, path)
+        return load_state_dict(path), meta_for_file(path)
     else:
         raise TypeError(f"weights: expected None, 'DEFAULT', a weights name or a path, got {type(weights).__name__}")
     path = entry.fetch(offline=offline, progress=progress)
@@ -147,20 +165,30 @@ def classes_in(state_dict, default=1000):
 
 
 def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=None,
-          dtype="float32", seed=0, threads=None, offline=None, progress=None):
+          dtype=None, seed=0, threads=None, offline=None, progress=None):
     """Build ``arch`` and load ``weights`` into it (see ``resolve``); the builders call this.
 
     ``num_classes`` defaults to the weights' classifier size (1000 for the official weights,
-    or whatever a fine-tuned file holds), else 1000.
+    or whatever a fine-tuned file holds), else 1000. ``dtype`` defaults to what an npmnv3 ``.npz``
+    records, else float32.
     """
     state_dict, meta = resolve(arch, weights, offline=offline, progress=progress)
+    return assemble(arch, state_dict, meta, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
+                    num_classes=num_classes, dtype=dtype, seed=seed, threads=threads)
+
+
+def assemble(arch, state_dict, meta, *, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=None,
+             dtype=None, seed=0, threads=None):
+    """A ``MobileNetV3`` of ``arch`` holding ``state_dict`` (None: random) with ``meta``; see ``build``."""
     if num_classes is None:
         num_classes = classes_in(state_dict)
+    if dtype is None:
+        dtype = meta.get("dtype", "float32")
     model = MobileNetV3(arch, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
                         num_classes=num_classes, dtype=dtype, seed=seed, threads=threads)
     if state_dict is not None:
         model.load_state_dict(state_dict)
         if meta.get("categories") is not None and len(meta["categories"]) != model.num_classes:
-            meta["categories"] = None
+            meta = dict(meta, categories=None)
         model.meta = meta
     return model

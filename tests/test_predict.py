@@ -158,8 +158,11 @@ def test_evaluate_matches_torchvision(small_pth, tmp_path):
 
 
 def test_evaluate_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"folder '.*nowhere': expected a directory with one sub-folder per class"):
+    with pytest.raises(ValueError, match=r"folder '.*nowhere': does not exist"):
         npmnv3.evaluate(tmp_path / "nowhere", model=npmnv3.mobilenet_v3_small())
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"folder '.*file.txt': is a file, expected a directory with one sub-folder"):
+        npmnv3.evaluate(tmp_path / "file.txt", model=npmnv3.mobilenet_v3_small())
     (tmp_path / "bad" / "not_a_class").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"folder '.*not_a_class': its name is neither an ImageNet WordNet ID nor a class name"):
         npmnv3.evaluate(tmp_path / "bad", model=npmnv3.mobilenet_v3_small())
@@ -188,7 +191,7 @@ def test_cli_predict_sample_and_json(small_pth, capsys):
 def test_cli_errors_are_one_line_without_traceback(small_pth, tmp_path):
     cases = [
         (["predict", str(tmp_path / "nope.jpg"), "--arch", "mobilenet_v3_small", "--weights", str(small_pth[0])],
-         "npmnv3 predict: error: image 0 (file '"),
+         "npmnv3 predict: error: image file '"),
         (["predict", "--weights", str(tmp_path / "missing.pth")], "npmnv3 predict: error: "),
         (["predict", "--weights", "IMAGENET1K_V9"], "npmnv3 predict: error: weights: 'IMAGENET1K_V9' is not an official"),
         (["evaluate", str(tmp_path / "nowhere"), "--weights", str(small_pth[0]), "--arch", "mobilenet_v3_small"],

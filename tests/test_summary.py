@@ -55,5 +55,7 @@ def test_cli_summary(capsys):
     from npmnv3.cli import main
     assert main(["summary", "--arch", "mobilenet_v3_small", "--size", "224"]) == 0
     assert "2,542,856" in capsys.readouterr().out
-    assert main(["summary", "--size", "0"]) == 1
-    assert "npmnv3 summary: error: --size: expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:       # a usage error, as argparse reports them
+        main(["summary", "--size", "0"])
+    assert info.value.code == 2
+    assert "argument --size: expected a positive integer, got 0" in capsys.readouterr().err

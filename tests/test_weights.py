@@ -163,8 +163,10 @@ def test_convert_pth_to_npz(tmp_path, float16):
     run = run_convert(tmp_path / "src.pth", tmp_path / "out.npz", *(["--float16"] if float16 else []))
     assert run.returncode == 0, run.stderr
     assert f"wrote {tmp_path / 'out.npz'}: mobilenet_v3_large (312 tensors" in run.stdout
-    diff = float(run.stdout.split("vs torchvision: ")[1])
-    assert diff < 1e-3
+    diff = float(run.stdout.split("max |logit difference| ")[1].split(",")[0])
+    relative = float(run.stdout.split("relative ")[1].split(" ")[0])
+    largest = float(run.stdout.split("largest |logit| ")[1].rstrip(")\n"))
+    assert diff < 1e-3 and relative == pytest.approx(diff / largest, rel=0.05) and largest > 0.5
     sd = npmnv3.load_state_dict(tmp_path / "out.npz")
     assert {v.dtype for k, v in sd.items() if not k.endswith("tracked")} == {np.dtype(np.float16 if float16 else np.float32)}
     model = npmnv3.mobilenet_v3_large(weights=tmp_path / "out.npz")
