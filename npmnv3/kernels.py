@@ -10,6 +10,8 @@ Output size of a convolution along one axis (PyTorch's rule)::
     H_out = floor((H + 2 * padding - dilation * (k - 1) - 1) / stride) + 1
 """
 
+import math
+
 import numpy as np
 
 
@@ -217,6 +219,36 @@ def relu(x):
     return np.maximum(x, 0)
 
 
+def relu6_naive(x):
+    """relu6(x) = min(max(x, 0), 6), element by element (SSDLite's activation)."""
+    flat = x.ravel()
+    return np.array([0 if v < 0 else 6 if v > 6 else v for v in flat], dtype=x.dtype).reshape(x.shape)
+
+
+def relu6(x):
+    """relu6(x) = min(max(x, 0), 6)."""
+    return np.clip(x, 0, 6)
+
+
+def sigmoid_naive(x):
+    """sigmoid(x) = 1 / (1 + exp(-x)), element by element (written as exp(x) / (1 + exp(x)) for x < 0,
+    so that exp never overflows)."""
+    def one(v):
+        if v >= 0:
+            return 1.0 / (1.0 + math.exp(-v))
+        e = math.exp(v)
+        return e / (1.0 + e)
+    flat = x.ravel()
+    return np.array([one(float(v)) for v in flat], dtype=x.dtype).reshape(x.shape)
+
+
+def sigmoid(x):
+    """sigmoid(x) = 1 / (1 + exp(-x)) (the logistic function), computed from e = exp(-|x|) without
+    overflow: 1 / (1 + e) for x >= 0, e / (1 + e) below."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
 def hard_sigmoid_naive(x):
     """hard_sigmoid(x) = relu6(x + 3) / 6: 0 below -3, 1 above 3, the line x / 6 + 1/2 between."""
     def one(v):
@@ -324,3 +356,66 @@ def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     z = relu(linear(s, fc1_weight[:, :, 0, 0], fc1_bias))               # (N, S)
     e = hard_sigmoid(linear(z, fc2_weight[:, :, 0, 0], fc2_bias))       # (N, C)
     return x * e[:, :, None, None]
+
+
+# --------------------------------------------------------------------------- resizing
+
+def resize_source(in_size, out_size, dtype, align_corners=False):
+    """For each output position along one axis: (i0, i1, w0, w1), the two input positions it reads and
+    their weights, as ``F.interpolate(mode="bilinear")`` computes them::
+
+        align_corners=False:  src = (in / out) * (i + 0.5) - 0.5, clamped at 0
+        align_corners=True:   src = (in - 1) / (out - 1) * i
+        i0 = min(floor(src), in - 1),  i1 = i0 + 1 (in - 1 at the edge),  w1 = src - i0,  w0 = 1 - w1
+
+    in ``dtype`` like PyTorch, whose compiled ``scale * (i + 0.5) - 0.5`` is one fused multiply-add
+    (rounded once): here it is computed in a wider type and then rounded to ``dtype``.
+    """
+    dt = np.dtype(dtype).type
+    wide = np.float64 if np.dtype(dtype).itemsize < 8 else np.longdouble
+    i = np.arange(out_size, dtype=wide)
+    if align_corners:
+        scale = dt((in_size - 1) / (out_size - 1)) if out_size > 1 else dt(0)
+        src = (wide(scale) * i).astype(dtype)
+    else:
+        scale = dt(in_size) / dt(out_size)
+        src = np.maximum(wide(scale) * (i + wide(0.5)) - wide(0.5), 0).astype(dtype)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = np.clip(src - i0.astype(dtype), 0, 1).astype(dtype)
+    return i0, i1, (dt(1) - w1).astype(dtype), w1
+
+
+def interpolate_naive(x, size, align_corners=False):
+    """Bilinear resize of x (N, C, H, W) to ``size`` = (H_out, W_out), pixel by pixel::
+
+        y[n, c, i, j] = wh0[i] * (ww0[j] * x[n, c, h0[i], w0[j]] + ww1[j] * x[n, c, h0[i], w1[j]])
+                      + wh1[i] * (ww0[j] * x[n, c, h1[i], w0[j]] + ww1[j] * x[n, c, h1[i], w1[j]])
+
+    with the positions and weights of ``resize_source`` along each axis. No antialiasing: as
+    ``torch.nn.functional.interpolate(x, size, mode="bilinear", align_corners=...)``.
+    """
+    n_batch, channels, height, width = x.shape
+    out_h, out_w = size
+    h0, h1, wh0, wh1 = resize_source(height, out_h, x.dtype, align_corners)
+    w0, w1, ww0, ww1 = resize_source(width, out_w, x.dtype, align_corners)
+    y = np.empty((n_batch, channels, out_h, out_w), dtype=x.dtype)
+    for n in range(n_batch):
+        for c in range(channels):
+            for i in range(out_h):
+                for j in range(out_w):
+                    top = x[n, c, h0[i], w0[j]] * ww0[j] + x[n, c, h0[i], w1[j]] * ww1[j]
+                    bottom = x[n, c, h1[i], w0[j]] * ww0[j] + x[n, c, h1[i], w1[j]] * ww1[j]
+                    y[n, c, i, j] = top * wh0[i] + bottom * wh1[i]
+    return y
+
+
+def interpolate(x, size, align_corners=False):
+    """Vectorised ``interpolate_naive``: the bilinear resize is separable, so first along W (two
+    gathered columns, weighted), then along H (two gathered rows of that, weighted); the same
+    products and sums, in the same order, as the pixel-by-pixel formula."""
+    out_h, out_w = size
+    h0, h1, wh0, wh1 = resize_source(x.shape[2], out_h, x.dtype, align_corners)
+    w0, w1, ww0, ww1 = resize_source(x.shape[3], out_w, x.dtype, align_corners)
+    rows = x[..., w0] * ww0 + x[..., w1] * ww1                                # (N, C, H, W_out)
+    return rows[:, :, h0] * wh0[:, None] + rows[:, :, h1] * wh1[:, None]      # (N, C, H_out, W_out)
