@@ -29,12 +29,11 @@ import numpy as np
 from . import kernels as K
 from .config import ARCHS, Block, classifier_layers, mobilenet_v3_features, parameter_list
 from .engine import Engine
-from .parameters import Parameters
-from .serialization import save_state_dict
+from .network import Network, check_input
 from .summary import layer_costs
-from .threads import blas_threads, check_threads
+from .threads import blas_threads
 
-ACTIVATIONS = {"RE": K.relu, "HS": K.hard_swish}
+ACTIVATIONS = {"RE": K.relu, "RE6": K.relu6, "HS": K.hard_swish, "SIG": K.sigmoid}
 
 
 # --------------------------------------------------------------------------- the readable layers
@@ -122,31 +121,6 @@ def classify(x, classifier, params, outputs=None):
     return x
 
 
-# --------------------------------------------------------------------------- input checks
-
-def check_input(x, dtype, min_size=1):
-    """Validate a batch ``x`` and return it as a C-contiguous (N, 3, H, W) array of ``dtype``."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x: expected a numpy array of shape (N, 3, H, W), got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"x: expected shape (N, 3, H, W), got {x.shape}"
-                         + (" (for one image use x[None])" if x.ndim == 3 else ""))
-    if 0 in x.shape:
-        raise ValueError(f"x: expected a non-empty batch, got shape {x.shape}")
-    if min(x.shape[2:]) < min_size:
-        raise ValueError(f"x: expected H and W of at least {min_size}, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"x: expected a float array (use npmnv3.preprocess for images), got dtype {x.dtype}")
-    return np.ascontiguousarray(x, dtype=dtype)
-
-
-def check_dtype(dtype):
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype: expected float32 or float64, got {dtype}")
-    return dtype
-
-
 # --------------------------------------------------------------------------- recognising weights
 
 RECOGNISED_WIDTHS = (1.0, 0.75, 0.5, 1.25, 1.5, 0.35)     # width multipliers ``recognise`` tries
@@ -190,7 +164,7 @@ def describe_weights(state_dict):
 
 # --------------------------------------------------------------------------- the network
 
-class MobileNetV3:
+class MobileNetV3(Network):
     """MobileNetV3-Large or -Small with torchvision's module names and state_dict.
 
     Build with ``npmnv3.mobilenet_v3_large(...)`` / ``npmnv3.mobilenet_v3_small(...)``.
@@ -203,15 +177,8 @@ class MobileNetV3:
         ``features.0 ... features.N`` as layer records (``config.Conv`` and ``config.Block``).
     classifier : list
         The two ``config.Linear`` records.
-    params : Parameters
-        Read-only arrays by torchvision's keys (minus the BN counters), in ``dtype``; change them
-        with ``load_state_dict``.
-    dtype : numpy dtype
-        float32 (default) or float64 (a reference mode).
-    threads : int
-        How many threads a forward pass may use (see ``npmnv3.threads``).
-    meta : dict
-        What came with the weights: preprocessing recipe, class names.
+    params, dtype, threads, meta
+        See ``network.Network``.
     """
 
     def __init__(self, arch="mobilenet_v3_large", *, width_mult=1.0, reduced_tail=False,
@@ -221,59 +188,20 @@ class MobileNetV3:
         self.arch = arch
         self.options = dict(width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
                             num_classes=int(num_classes))
-        self.dtype = check_dtype(dtype)
-        self.threads = check_threads(threads)
         self.features, last_channel = mobilenet_v3_features(arch, width_mult, reduced_tail, dilated)
         self.classifier = classifier_layers(self.features[-1].out_channels, last_channel, int(num_classes))
         self.num_classes = int(num_classes)
-        self.params = Parameters(parameter_list(self.features + self.classifier), self.dtype, seed, owner=repr(self))
-        self.meta = {}          # e.g. the official weights' categories and preprocessing
-        self._engine = None     # the fast path's prepared weights, for params.version
+        super().__init__(self.features + self.classifier, dtype=dtype, seed=seed, threads=threads)
 
-    def __repr__(self):
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"MobileNetV3({self.arch!r}, {opts}, dtype={self.dtype.name})"
-
-    # ----------------------------------------------------------------- state dict
-
-    def state_dict(self):
-        """torchvision's state_dict as NumPy arrays: same keys, order and shapes (new arrays).
-
-        ``num_batches_tracked`` entries are 0-d int64 zeros (they play no part at inference).
-        """
-        return self.params.state_dict()
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Load parameters by torchvision's names, casting them to the model's dtype.
-
-        Raises ``StateDictError`` (a ValueError) once, listing every missing, unexpected and
-        mis-shaped key; nothing is loaded then. With ``strict=False`` missing and unexpected keys
-        are allowed (as in PyTorch), mis-shaped ones never are. ``num_batches_tracked`` keys are
-        optional and ignored. The error's first line says what the weights are, when npmnv3 can tell.
-        """
-        self.params.load(state_dict, strict, recognise=describe_weights)
-
-    def save(self, path):
-        """Write the weights to npmnv3's ``.npz`` format, with the architecture, options, dtype and ``meta``
-        as JSON.
-
-        ``npmnv3.mobilenet_v3_large(weights=path)`` (or ``_small``) reads it back in the same dtype.
-        """
-        metadata = dict(self.meta, arch=self.arch, dtype=self.dtype.name, **self.options)
-        save_state_dict(self.state_dict(), path, metadata=metadata)
+    def recognise(self, state_dict):
+        return describe_weights(state_dict)
 
     def layer_table(self, height, width):
         """``summary``'s rows: one per features.i and per classifier layer at an (H, W) input."""
         return layer_costs(self.features + self.classifier, height, width)[0]
 
-    # ----------------------------------------------------------------- forward
-
-    def engine(self):
-        """The fast engine for the current parameters (prepared again after ``load_state_dict``)."""
-        engine = self._engine
-        if engine is None or engine.version != self.params.version:
-            engine = self._engine = Engine(self.features, self.params, classifier=self.classifier)
-        return engine
+    def make_engine(self):
+        return Engine(self.features, self.params, classifier=self.classifier)
 
     def __call__(self, x, return_intermediates=False):
         """Logits for a batch of images, computed by the fast engine.

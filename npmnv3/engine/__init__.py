@@ -17,7 +17,8 @@ not depend on the thread count); chunks run on up to ``threads`` threads. In a c
 layers (output stride <= ``PREFIX_STRIDE``: the large maps) run one image at a time so that their
 buffers stay in cache, the rest on the whole chunk (GEMMs are faster on more rows). One image
 runs its row bands on two threads when ``threads`` > 1 (``parallel.row_groups``); with
-``threads`` = 1 no thread is started.
+``threads`` = 1 no thread is started. Tapped outputs (``run(x, taps=...)``) have buffers of
+their own and are exported when a run is over, so they work with any of these ways.
 """
 
 import threading
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..config import Block
 from ..threads import blas_threads
-from .parallel import row_groups, run_steps, run_tasks
+from .parallel import row_groups, run_tasks
 from .plan import Plan
 from .prepare import Prepared
 
@@ -139,16 +140,11 @@ class Engine:
         return out
 
     def _run_one(self, x, taps, threads, layout):
-        banded = threads > 1 and not taps
+        banded = threads > 1
         key = (1, x.shape[2], x.shape[3], taps, 0, banded)
-
-        def go(plan):
-            if not banded:
-                return self._result(plan, plan.run(x, taps, layout=layout))
-            np.copyto(plan.x_interior, x)
-            run_steps(plan.steps, threads)
-            return self._result(plan, {})
-        return self._with_plan(key, go)
+        steps = (lambda plan: plan.steps) if banded else (lambda plan: None)
+        return self._with_plan(key, lambda plan: self._result(
+            plan, plan.run(x, taps, layout=layout, steps=steps(plan), threads=threads)))
 
     def _run_chunk(self, x, taps, layout):
         n, _, h, w = x.shape

@@ -33,7 +33,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import fast_kernels as F
 from ..config import Block
-from .parallel import Call
+from .parallel import Call, run_steps
 
 # Rough costs in microseconds (measured on the 2-core machine), only to tell whether cutting a group
 # of calls into bands pays for the handoff between threads: every call has a fixed cost, then
@@ -163,7 +163,8 @@ class Plan:
     n, h, w : int
         The input shape.
     taps : collection of str
-        Names of layers (features or a block's sub-layers) whose outputs ``run`` can return.
+        Names of layers (features, or a block's expand conv) whose outputs ``run`` returns: they get
+        buffers that no later layer reuses, and are exported when the run is over.
     skip : int
         features.0 .. features.<skip - 1> will never run here: the caller fills
         features.<skip - 1>'s output (``entry``), so only that layer gets real buffers.
@@ -178,7 +179,7 @@ class Plan:
         self.arena = arena = Arena(prepared.dtype, sizes)
         self.calls = []
         self.stages = []        # per features.i: (name, output Map, number of calls that produce it)
-        self.points = []        # the same for every layer output that can be tapped (sub-layers too)
+        self.points = {}        # layer name -> output Map, for every output that can be tapped
         arena.skipping = skip > 1
         x = self._stem(features[0], h, w)
         self._mark(features[0].name, x, stage=True)
@@ -190,7 +191,7 @@ class Plan:
                 following = features[i + 1] if i + 1 < len(features) else None
                 x = self._block(layer, x, carry=_reads_with_1x1(following))
             else:
-                x = self._conv1x1(layer, x, "exp")
+                x = self._conv1x1(layer, x, f"out.{layer.name}" if layer.name in self.taps else "exp")
             self._mark(layer.name, x, stage=True)
         self.output = x
         self.logits = None if classifier is None else self._classifier(x, classifier)
@@ -206,7 +207,7 @@ class Plan:
 
     def _mark(self, name, x, stage=False):
         """The calls planned so far produce layer ``name``'s output, Map x."""
-        self.points.append((name, x, len(self.calls)))
+        self.points[name] = x
         if stage:
             self.stages.append((name, x, len(self.calls)))
 
@@ -320,8 +321,8 @@ class Plan:
         # the depthwise conv's zero-padded input: one buffer, or its four phase planes
         if phases:
             planes, parts = self._phase_planes(blk.name, h, w, e, p)
-        else:
-            xp = arena.get("pad", (n, h + 2 * p, w + 2 * p, e))
+        else:       # (a tapped expand output keeps its buffer to itself)
+            xp = arena.get(f"pad.{blk.name}" if expand_tapped else "pad", (n, h + 2 * p, w + 2 * p, e))
             parts = [((slice(None), slice(None)), xp[:, p:p + h, p:p + w])]
             self._zero_border(xp, p)
 
@@ -472,25 +473,22 @@ class Plan:
         m = self.stages[index][1]
         return m.x if m.ones is None else m.ones
 
-    def run(self, x=None, taps=(), start=0, stop=None, layout="NCHW"):
+    def run(self, x=None, taps=(), start=0, stop=None, layout="NCHW", steps=None, threads=1):
         """Run the plan on x (n, 3, H, W); return {name: output} for the ``taps`` asked for.
 
         With ``start`` > 0, x is ignored: the caller filled features.<start - 1> (``entry``).
-        With ``stop``, only features.0 .. features.<stop - 1> run."""
+        With ``stop``, only features.0 .. features.<stop - 1> run. ``steps`` (from
+        ``parallel.row_groups``) run on ``threads`` threads instead of the calls one by one."""
         if start == 0:
             np.copyto(self.x_interior, x)
-        begin = self.stages[start - 1][2] if start else 0
-        end = len(self.calls) if stop is None else self.stages[stop - 1][2]
-        out = {}
-        for name, m, done in self.points:
-            if name in taps and begin <= done <= end:
-                for call in self.calls[begin:done]:
-                    call()
-                begin = done
-                out[name] = export(m, layout)
-        for call in self.calls[begin:end]:
-            call()
-        return out
+        if steps is not None:
+            run_steps(steps, threads)
+        else:
+            begin = self.stages[start - 1][2] if start else 0
+            end = len(self.calls) if stop is None else self.stages[stop - 1][2]
+            for call in self.calls[begin:end]:
+                call()
+        return {name: export(m, layout) for name, m in self.points.items() if name in taps}     # in layer order
 
 
 def export(m, layout="NCHW"):
