@@ -10,7 +10,9 @@ from .model import MobileNetV3
 from .predict import evaluate, predict
 from .serialization import load_state_dict, save_state_dict
 from .summary import summary
-from .weights import OFFICIAL as OFFICIAL_WEIGHTS, build, get_weights
+from .segment import segment
+from .segmentation import LRASPP, DeepLabV3
+from .weights import OFFICIAL as OFFICIAL_WEIGHTS, build, build_segmenter, get_weights
 
 __version__ = "0.1.0"
 
@@ -43,3 +45,28 @@ def mobilenet_v3_small(weights=None, *, width_mult=1.0, reduced_tail=False, dila
     return build("mobilenet_v3_small", weights, width_mult=width_mult, reduced_tail=reduced_tail,
                  dilated=dilated, num_classes=num_classes, dtype=dtype, seed=seed, threads=threads,
                  offline=offline, progress=progress)
+
+
+def lraspp_mobilenet_v3_large(weights=None, *, num_classes=None, dtype=None, seed=0, threads=None, offline=None,
+                              progress=None):
+    """Lite R-ASPP segmentation on MobileNetV3-Large (the paper's Figure 10), as torchvision's
+    ``lraspp_mobilenet_v3_large``.
+
+    weights: None (random), "DEFAULT" (= "COCO_WITH_VOC_LABELS_V1": the 21 Pascal VOC classes), or a
+    path to a ``.pth`` or ``.npz`` file. ``num_classes`` defaults to the weights' (else 21); other
+    arguments as for ``mobilenet_v3_large``. ``model(x)`` returns ``{"out": (N, classes, H, W)}``.
+    """
+    return build_segmenter("lraspp_mobilenet_v3_large", weights, num_classes=num_classes, dtype=dtype, seed=seed,
+                           threads=threads, offline=offline, progress=progress)
+
+
+def deeplabv3_mobilenet_v3_large(weights=None, *, num_classes=None, aux_loss=None, dtype=None, seed=0, threads=None,
+                                 offline=None, progress=None):
+    """DeepLabV3 segmentation on MobileNetV3-Large, as torchvision's ``deeplabv3_mobilenet_v3_large``.
+
+    weights: as for ``lraspp_mobilenet_v3_large``. ``aux_loss``: build the auxiliary FCN head (default:
+    when the weights hold it, as the official file does; False without weights). ``model(x)``
+    returns ``{"out": ..., "aux": ...}``.
+    """
+    return build_segmenter("deeplabv3_mobilenet_v3_large", weights, num_classes=num_classes, aux_loss=aux_loss,
+                           dtype=dtype, seed=seed, threads=threads, offline=offline, progress=progress)

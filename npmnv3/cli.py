@@ -1,4 +1,4 @@
-"""The ``npmnv3`` command line (also ``python -m npmnv3``): ``predict``, ``summary``, ``evaluate``.
+"""The ``npmnv3`` command line (also ``python -m npmnv3``): ``predict``, ``segment``, ``summary``, ``evaluate``.
 
 Errors print one line naming the file or argument at fault and exit with status 1, no traceback;
 usage errors exit with status 2 (argparse's). Output cut short by a closed pipe (``| head``)
@@ -16,8 +16,10 @@ from npmnv3 import weights as W
 from npmnv3.config import ARCHS
 from npmnv3.errors import StateDictError
 from npmnv3.predict import DEFAULT_ARCH, classify, find_labelled_images, recipe
+from npmnv3.segment import ARCHS as SEGMENTATION_ARCHS, mask_image, overlay, segment
 
 ARCH_CHOICES = list(ARCHS)
+SEGMENTERS = list(SEGMENTATION_ARCHS)
 SAMPLE = "grace_hopper.jpg"
 
 
@@ -82,10 +84,25 @@ def build_parser():
                         "entry with --json); the exit status is 1 if any failed")
     p.set_defaults(run=run_predict)
 
+    p = commands.add_parser("segment", help="per-pixel classes (the 21 Pascal VOC classes) for images",
+                            description="Segment each image: print the classes present and their share of "
+                                        "the pixels; with --out, write a colour mask and an overlay per image. "
+                                        "The first run downloads the official weights (13-44 MB) to the cache.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--arch", choices=SEGMENTERS, default=SEGMENTERS[0],
+                   help=f"network (default {SEGMENTERS[0]})")
+    p.add_argument("--weights", default="DEFAULT", metavar="NAME|PATH",
+                   help="DEFAULT (COCO_WITH_VOC_LABELS_V1), or a .pth / .npz file")
+    p.add_argument("--offline", action="store_true", help="never use the network (as NPMNV3_OFFLINE=1)")
+    p.add_argument("--out", metavar="DIR",
+                   help="write IMAGE.mask.png (a palette PNG, the VOC colours) and IMAGE.overlay.png here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run_segment)
+
     p = commands.add_parser("summary", help="per-layer table: output shape, params, MACs",
                             description="Print the per-layer table of output shapes, parameters and "
                                         "multiply-accumulates (random weights: only the shapes matter).")
-    p.add_argument("--arch", choices=ARCH_CHOICES, default=DEFAULT_ARCH,
+    p.add_argument("--arch", choices=ARCH_CHOICES + SEGMENTERS, default=DEFAULT_ARCH,
                    help="network (default mobilenet_v3_large)")
     p.add_argument("--size", type=positive_int, default=224, metavar="N", help="input height and width (default 224)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -203,6 +220,39 @@ def run_predict(args):
                 shown = f"{100 * p['probability']:.{digits}g}%"
                 print(f"  {rank:2d}. {p['label']:<32} {shown:>{digits + 3}}  (class {p['index']})")
     return 1 if failed else 0
+
+
+def run_segment(args):
+    for path, problem in check_images(args.images):
+        if problem is not None:
+            raise problem
+    weights = args.weights
+    if weights != "DEFAULT" and not W.is_official_name(args.arch, weights) and os.path.exists(weights):
+        net = W.build_segmenter(args.arch, weights)
+    else:
+        net = W.build_segmenter(args.arch, weights, offline=_offline(args))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    entries = []
+    for path in args.images:
+        result = segment(path, model=net)
+        entry = dict(image=str(path), labels=result["labels"], fractions=result["fractions"])
+        if args.out:
+            stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
+            mask_image(result["mask"]).save(stem + ".mask.png")
+            overlay(path, result["mask"]).save(stem + ".overlay.png")
+            entry.update(mask=stem + ".mask.png", overlay=stem + ".overlay.png")
+        entries.append(entry)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for entry in entries:
+        print(entry["image"])
+        for name in entry["labels"]:
+            print(f"  {name:<16} {100 * entry['fractions'][name]:6.2f}%")
+        if args.out:
+            print(f"  wrote {entry['mask']} and {entry['overlay']}")
+    return 0
 
 
 def run_summary(args):

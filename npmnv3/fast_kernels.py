@@ -29,6 +29,8 @@ What makes them fast (see ``benchmarks/README.md`` for the measurements):
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .kernels import resize_source
+
 BIG = float(np.finfo(np.float32).max)   # a finite upper bound makes clip take its fast path
 # np.clip is a Python function that reaches the ``clip`` ufunc through ndarray.clip; called directly,
 # the ufunc saves ~2 microseconds a call, and the engine makes many small ones
@@ -203,3 +205,38 @@ def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     z = relu(global_avg_pool(x) @ fc1_weight + fc1_bias)
     gate = clip((z @ fc2_weight + fc2_bias) / 6 + 0.5, 0, 1)
     return x * gate[:, None, None, :]
+
+
+def conv2d_by_taps(x, taps, bias=None, dilation=1):
+    """A k x k convolution with stride 1 and "same" padding ((k - 1) // 2 * dilation), NHWC: x (N, H, W,
+    C_in), taps (k, k, C_in, C_out) -> (N, H, W, C_out), as one matrix product per kernel tap over the
+    rectangle of the output that the tap reaches inside the map::
+
+        y[n, r, c] = bias + sum_{i, j} x[n, r + i*d - p, c + j*d - p] @ taps[i, j]   (where inside)
+
+    A dilated tap that lands wholly in the padding (a dilation of 36 on a 33 x 33 map) costs nothing.
+    """
+    n, h, w, _ = x.shape
+    k, out_channels = taps.shape[0], taps.shape[3]
+    pad = (k - 1) // 2 * dilation
+    y = np.zeros((n, h, w, out_channels), x.dtype)
+    if bias is not None:
+        y += bias
+    for i in range(k):
+        for j in range(k):
+            dy, dx = i * dilation - pad, j * dilation - pad
+            r0, r1, c0, c1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+            if r0 >= r1 or c0 >= c1:
+                continue
+            src = np.ascontiguousarray(x[:, r0 + dy:r1 + dy, c0 + dx:c1 + dx])
+            y[:, r0:r1, c0:c1] += (src.reshape(-1, src.shape[-1]) @ taps[i, j]).reshape(n, r1 - r0, c1 - c0, -1)
+    return y
+
+
+def resize(x, size, align_corners=False):
+    """Bilinear resize, NHWC: (N, H, W, C) -> (N, H_out, W_out, C); ``kernels.interpolate`` (the same
+    positions, weights and order of operations: along W, then along H) for NHWC arrays."""
+    h0, h1, wh0, wh1 = resize_source(x.shape[1], size[0], x.dtype, align_corners)
+    w0, w1, ww0, ww1 = resize_source(x.shape[2], size[1], x.dtype, align_corners)
+    rows = x[:, :, w0] * ww0[:, None] + x[:, :, w1] * ww1[:, None]
+    return rows[:, h0] * wh0[:, None, None] + rows[:, h1] * wh1[:, None, None]

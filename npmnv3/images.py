@@ -663,10 +663,24 @@ def _resized_size(width: int, height: int, resize_size: int) -> Tuple[int, int]:
     return (new_short, new_long) if w <= h else (new_long, new_short)
 
 
+def _centre_crop(arr: np.ndarray, crop_size: int) -> np.ndarray:
+    """Centre crop an (H, W, 3) array, zero-padding first where it is smaller than the crop
+    (torchvision's center_crop: left/top get the floor half of the padding)."""
+    ih, iw = arr.shape[:2]
+    if crop_size > iw or crop_size > ih:
+        pad_w = max(crop_size - iw, 0)
+        pad_h = max(crop_size - ih, 0)
+        arr = np.pad(arr, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+        ih, iw = arr.shape[:2]
+    top = int(round((ih - crop_size) / 2.0))
+    left = int(round((iw - crop_size) / 2.0))
+    return arr[top : top + crop_size, left : left + crop_size]
+
+
 def preprocess(
     image: Any,
     resize_size: int = DEFAULT_RESIZE,
-    crop_size: int = DEFAULT_CROP,
+    crop_size: Optional[int] = DEFAULT_CROP,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     *,
@@ -674,11 +688,14 @@ def preprocess(
     name: Optional[str] = None,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Turn one image into a ``(3, crop_size, crop_size)`` float32 array.
+    """Turn one image into a ``(3, crop_size, crop_size)`` float32 array (``(3, H', W')`` without a crop).
 
     Bit-for-bit equal to torchvision's ``ImageClassification(crop_size=crop_size,
     resize_size=resize_size, mean=mean, std=std)`` on ``load_image(image)``
-    (MobileNetV3-Large IMAGENET1K_V2 uses resize_size=232; V1 and Small use 256).
+    (MobileNetV3-Large IMAGENET1K_V2 uses resize_size=232; V1 and Small use 256). With
+    ``crop_size=None`` there is no crop: the short side is ``resize_size`` and the long side
+    follows the aspect ratio, as torchvision's ``SemanticSegmentation(resize_size=resize_size)``
+    (the segmentation weights use 520).
     ``image`` is anything ``load_image`` accepts; ``name``, ``exif_transpose`` and
     ``max_pixels`` are passed on to it.
 
@@ -687,7 +704,7 @@ def preprocess(
     ValueError for bad arguments.
     """
     resize_size = _positive_int(resize_size, "resize_size")
-    crop_size = _positive_int(crop_size, "crop_size")
+    crop_size = None if crop_size is None else _positive_int(crop_size, "crop_size")
     mean32 = _three_floats(mean, "mean")
     std32 = _three_floats(std, "std")
     if (std32 == 0).any():
@@ -714,17 +731,8 @@ def preprocess(
     finally:
         img.close()
 
-    # Centre crop, zero-padding first where the image is smaller than the crop
-    # (torchvision's center_crop: left/top get the floor half of the padding).
-    ih, iw = arr.shape[:2]
-    if crop_size > iw or crop_size > ih:
-        pad_w = max(crop_size - iw, 0)
-        pad_h = max(crop_size - ih, 0)
-        arr = np.pad(arr, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
-        ih, iw = arr.shape[:2]
-    top = int(round((ih - crop_size) / 2.0))
-    left = int(round((iw - crop_size) / 2.0))
-    arr = arr[top : top + crop_size, left : left + crop_size]
+    if crop_size is not None:
+        arr = _centre_crop(arr, crop_size)
 
     x = arr.astype(np.float32) / np.float32(255)
     x = (x - mean32) / std32

@@ -1,29 +1,39 @@
-"""The official torchvision weights, and loading weights into a model by name or path.
+"""The official torchvision weights, and loading weights into a network by name or path.
 
-Three files are published for MobileNetV3 (ImageNet-1k, 1000 classes); npmnv3 reads them as they
-are, without torch, after checking their size and full SHA-256:
+npmnv3 reads torchvision's files as they are, without torch, after checking their size and full
+SHA-256 (``hub.fetch``; downloaded once into ``hub.cache_dir()`` or found in torch's hub cache):
 
-    mobilenet_v3_large  IMAGENET1K_V1             mobilenet_v3_large-8738ca79.pth  resize 256  74.042 / 91.340
-    mobilenet_v3_large  IMAGENET1K_V2 (DEFAULT)   mobilenet_v3_large-5c1a4163.pth  resize 232  75.274 / 92.566
-    mobilenet_v3_small  IMAGENET1K_V1 (DEFAULT)   mobilenet_v3_small-047dcff4.pth  resize 256  67.668 / 87.402
+    network                         weights                    file                                 resize
+    mobilenet_v3_large              IMAGENET1K_V1              mobilenet_v3_large-8738ca79.pth      256
+    mobilenet_v3_large              IMAGENET1K_V2 (DEFAULT)    mobilenet_v3_large-5c1a4163.pth      232
+    mobilenet_v3_small              IMAGENET1K_V1 (DEFAULT)    mobilenet_v3_small-047dcff4.pth      256
+    lraspp_mobilenet_v3_large       COCO_WITH_VOC_LABELS_V1    lraspp_mobilenet_v3_large-d234d4ea.pth        520, no crop
+    deeplabv3_mobilenet_v3_large    COCO_WITH_VOC_LABELS_V1    deeplabv3_mobilenet_v3_large-fc3c493d.pth     520, no crop
 
-All use a centre crop of 224 and ImageNet's mean and std. ``fetch`` downloads a file once into the
-cache (``hub.cache_dir()``) or finds it in torch's hub cache.
+The classifiers crop 224 after resizing; all use ImageNet's mean and std.
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hub
+from .categories import label_set
 from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD
 from .imagenet import categories
 from .model import MobileNetV3, recognise
 from .serialization import load_metadata, load_state_dict
 
+CLASSIFICATION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification"
+SEGMENTATION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/segmentation"
+
 
 @dataclass(frozen=True)
 class Weights:
-    """One official weights file and how to use it."""
+    """One official weights file and how to use it.
+
+    ``metrics`` are the published numbers as ((name, value), ...); ``labels`` names the class-name
+    list ("imagenet", "voc", "coco"); ``crop_size`` None means no crop (the segmentation recipe).
+    """
 
     arch: str
     name: str
@@ -31,42 +41,66 @@ class Weights:
     size: int
     sha256: str
     resize_size: int
-    acc1: float
-    acc5: float
-    crop_size: int = DEFAULT_CROP
+    metrics: tuple
+    crop_size: object = DEFAULT_CROP
+    labels: str = "imagenet"
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
-    num_classes: int = 1000
-    recipe: str = field(default="https://github.com/pytorch/vision/tree/main/references/classification")
+    recipe: str = field(default=CLASSIFICATION_RECIPE)
 
     @property
     def url(self):
         """Where torchvision publishes the file (``NPMNV3_WEIGHTS_URL`` replaces the base)."""
         return hub.DEFAULT_BASE_URL + self.filename
 
+    @property
+    def acc1(self):
+        return dict(self.metrics).get("acc@1")
+
+    @property
+    def acc5(self):
+        return dict(self.metrics).get("acc@5")
+
     def fetch(self, offline=None, progress=None):
         """Path of the verified local file, downloading it on first use (see ``hub.fetch``)."""
         return hub.fetch(self.filename, self.sha256, self.size, offline=offline, progress=progress)
 
     def meta(self):
-        """What predict() needs: preprocessing, class names and where the numbers came from."""
+        """What predict() and segment() need: preprocessing, class names and the published numbers."""
         return dict(arch=self.arch, weights=self.name, resize_size=self.resize_size,
                     crop_size=self.crop_size, mean=list(self.mean), std=list(self.std),
-                    categories=categories(), acc1=self.acc1, acc5=self.acc5)
+                    categories=label_set(self.labels), **dict(self.metrics))
+
+
+def _segmentation(arch, filename, size, sha256, miou, pixel_acc):
+    return Weights(arch, "COCO_WITH_VOC_LABELS_V1", filename, size, sha256, 520,
+                   (("miou", miou), ("pixel_acc", pixel_acc)), crop_size=None, labels="voc",
+                   recipe=SEGMENTATION_RECIPE)
 
 
 OFFICIAL = {
     ("mobilenet_v3_large", "IMAGENET1K_V1"): Weights(
         "mobilenet_v3_large", "IMAGENET1K_V1", "mobilenet_v3_large-8738ca79.pth", 22_139_423,
-        "8738ca797c879b547d18bbd15da5736ff2557b2036a9af72225393ca61759a04", 256, 74.042, 91.340),
+        "8738ca797c879b547d18bbd15da5736ff2557b2036a9af72225393ca61759a04", 256,
+        (("acc@1", 74.042), ("acc@5", 91.340))),
     ("mobilenet_v3_large", "IMAGENET1K_V2"): Weights(
         "mobilenet_v3_large", "IMAGENET1K_V2", "mobilenet_v3_large-5c1a4163.pth", 22_132_113,
-        "5c1a416349c4cf298f2a6a5e2600ed0ee55e604713578f5e74e6bc8bcaef7997", 232, 75.274, 92.566),
+        "5c1a416349c4cf298f2a6a5e2600ed0ee55e604713578f5e74e6bc8bcaef7997", 232,
+        (("acc@1", 75.274), ("acc@5", 92.566))),
     ("mobilenet_v3_small", "IMAGENET1K_V1"): Weights(
         "mobilenet_v3_small", "IMAGENET1K_V1", "mobilenet_v3_small-047dcff4.pth", 10_306_551,
-        "047dcff4addef86ea5bc2eff13c9614dc11f47ab1160d0a71a25e7db994f4e1f", 256, 67.668, 87.402),
+        "047dcff4addef86ea5bc2eff13c9614dc11f47ab1160d0a71a25e7db994f4e1f", 256,
+        (("acc@1", 67.668), ("acc@5", 87.402))),
+    ("lraspp_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1"): _segmentation(
+        "lraspp_mobilenet_v3_large", "lraspp_mobilenet_v3_large-d234d4ea.pth", 13_097_061,
+        "d234d4eae9d55d5f76de18b77cf0dc62c66fe5c5482758209d00f950c92bb280", 57.9, 91.2),
+    ("deeplabv3_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1"): _segmentation(
+        "deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large-fc3c493d.pth", 44_356_159,
+        "fc3c493d68e89cc31ef488c803d5d7dd2f3190fb570598faa49fef69be8e5e70", 60.3, 91.2),
 }
-DEFAULT = {"mobilenet_v3_large": "IMAGENET1K_V2", "mobilenet_v3_small": "IMAGENET1K_V1"}
+DEFAULT = {"mobilenet_v3_large": "IMAGENET1K_V2", "mobilenet_v3_small": "IMAGENET1K_V1",
+           "lraspp_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1",
+           "deeplabv3_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1"}
 
 
 def get_weights(arch, name="DEFAULT"):
@@ -158,10 +192,10 @@ def resolve(arch, weights, offline=None, progress=None):
     return load_state_dict(path), entry.meta()
 
 
-def classes_in(state_dict, default=1000):
-    """Number of classes of the classifier in ``state_dict`` (``classifier.3.weight`` rows), else ``default``."""
-    head = None if state_dict is None else state_dict.get("classifier.3.weight")
-    return int(head.shape[0]) if head is not None and getattr(head, "ndim", 0) == 2 else default
+def classes_in(state_dict, default=1000, key="classifier.3.weight"):
+    """Number of classes of the classifier in ``state_dict`` (the rows of ``key``), else ``default``."""
+    head = None if state_dict is None else state_dict.get(key)
+    return int(head.shape[0]) if head is not None and getattr(head, "ndim", 0) >= 2 else default
 
 
 def build(arch, weights=None, *, width_mult=1.0, reduced_tail=False, dilated=False, num_classes=None,
@@ -182,13 +216,41 @@ def assemble(arch, state_dict, meta, *, width_mult=1.0, reduced_tail=False, dila
     """A ``MobileNetV3`` of ``arch`` holding ``state_dict`` (None: random) with ``meta``; see ``build``."""
     if num_classes is None:
         num_classes = classes_in(state_dict)
-    if dtype is None:
-        dtype = meta.get("dtype", "float32")
     model = MobileNetV3(arch, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
-                        num_classes=num_classes, dtype=dtype, seed=seed, threads=threads)
+                        num_classes=num_classes, dtype=dtype_of(meta, dtype), seed=seed, threads=threads)
+    return load_into(model, state_dict, meta)
+
+
+def dtype_of(meta, dtype=None):
+    """``dtype``, else what an npmnv3 ``.npz``'s metadata records, else float32."""
+    return dtype if dtype is not None else meta.get("dtype", "float32")
+
+
+def load_into(model, state_dict, meta):
+    """Load ``state_dict`` (None: keep the random weights) into ``model`` and give it ``meta``
+    (class names dropped when their number does not match the model's classes)."""
     if state_dict is not None:
         model.load_state_dict(state_dict)
         if meta.get("categories") is not None and len(meta["categories"]) != model.num_classes:
             meta = dict(meta, categories=None)
         model.meta = meta
     return model
+
+
+def build_segmenter(arch, weights=None, *, num_classes=None, aux_loss=None, dtype=None, seed=0, threads=None,
+                    offline=None, progress=None):
+    """Build ``"lraspp_mobilenet_v3_large"`` or ``"deeplabv3_mobilenet_v3_large"`` and load ``weights``
+    (as ``resolve`` takes them). ``num_classes`` defaults to the weights' (21 for the official ones);
+    DeepLabV3's ``aux_loss`` to whether the weights hold the auxiliary head (the official file does)."""
+    from .segmentation import DeepLabV3, LRASPP
+    state_dict, meta = resolve(arch, weights, offline=offline, progress=progress)
+    key = "classifier.low_classifier.weight" if arch == "lraspp_mobilenet_v3_large" else "classifier.4.weight"
+    num_classes = num_classes if num_classes is not None else classes_in(state_dict, 21, key)
+    dtype = dtype_of(meta, dtype)
+    if arch == "lraspp_mobilenet_v3_large":
+        model = LRASPP(num_classes=num_classes, dtype=dtype, seed=seed, threads=threads)
+    else:
+        if aux_loss is None:
+            aux_loss = state_dict is not None and "aux_classifier.4.weight" in state_dict
+        model = DeepLabV3(num_classes=num_classes, aux_loss=aux_loss, dtype=dtype, seed=seed, threads=threads)
+    return load_into(model, state_dict, meta)

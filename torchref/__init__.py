@@ -66,3 +66,48 @@ def features_and_logits(model, x, dtype=np.float32):
             feats[f"features.{i}"] = t.numpy().copy()
         logits = model.classifier(torch.flatten(model.avgpool(t), 1)).numpy()
     return logits, feats
+
+
+def smooth_images(count, height, width, seed=0):
+    """A batch (count, 3, height, width) of smooth random images, normalised roughly as ImageNet
+    images are: a few random colours per image, upsampled bicubically (noise would make every
+    position look alike to a network)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(count, 3, 5, 6, generator=g) * 4 - 2
+    return torch.nn.functional.interpolate(small, size=(height, width), mode="bicubic", align_corners=False)
+
+
+def calibrate(model, inputs, seed=0):
+    """Give every BatchNorm of ``model`` random affine parameters and running statistics measured on
+    ``inputs`` (each BN's real input), then perturbed; conv and linear biases random too. Returns the
+    model in eval mode. With statistics set so, the output depends on the image (randomised
+    statistics alone make the network ignore its input and give every pixel the same class)."""
+    torch.manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(torch.empty(bn.num_features).uniform_(0.5, 1.5))
+            bn.bias.copy_(0.25 * torch.randn(bn.num_features))
+            bn.momentum = None
+            bn.reset_running_stats()
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.normal_(0.0, 0.5)
+        model.train()
+        model(inputs)
+        model.eval()
+        for bn in bns:
+            c = bn.num_features
+            bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn(c)
+            bn.running_var *= torch.empty(c).uniform_(0.8, 1.25)
+            bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+    return model
+
+
+def random_segmentation_model(arch, seed=0, **options):
+    """torchvision's ``arch`` ("lraspp_mobilenet_v3_large" or "deeplabv3_mobilenet_v3_large") with
+    random weights whose BatchNorm statistics come from smooth images (``calibrate``), in eval mode."""
+    from torchvision.models import segmentation
+    torch.manual_seed(seed)
+    model = getattr(segmentation, arch)(weights=None, weights_backbone=None, **options)
+    return calibrate(model, smooth_images(4, 96, 112, seed), seed)

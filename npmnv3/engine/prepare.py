@@ -83,6 +83,13 @@ class Prepared:
             return self._cast(np.vstack([w.reshape(w.shape[0], -1).T / in_scale, b[None]]))[0]
         return self._cached(("im2col", conv.name, in_scale), make)
 
+    def conv_taps(self, conv):
+        """A k x k conv as (W (k, k, C_in, C_out), b): one matrix per kernel tap (``fast_kernels.conv2d_by_taps``)."""
+        def make():
+            w, b = self.folded(conv)
+            return self._cast(w.transpose(2, 3, 1, 0), b)
+        return self._cached(("taps", conv.name), make)
+
     def squeeze_excite(self, se, in_scale=1.0):
         """(fc1 (C, S) / in_scale, b1, fc2 (S, C) / 6, b2 / 6 + 1/2): the gate is then clip(z @ fc2 + b2, 0, 1)."""
         def make():
