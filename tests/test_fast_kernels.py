@@ -85,3 +85,25 @@ def test_views_do_not_copy():
     assert np.shares_memory(F.strided_view(xp, 3, 4, 4, 2), xp)
     assert np.shares_memory(F.im2col_nhwc(xp, 3, 7, 7), xp)
     assert not F.rows_view(xp, 3, 7, 7).flags.writeable
+
+
+@DTYPES
+@pytest.mark.parametrize("size,out", [((5, 7), (9, 13)), ((33, 45), (17, 8)), ((1, 1), (4, 3)), ((7, 5), (7, 5))])
+def test_nhwc_resize_is_the_plain_resize(size, out, dtype):
+    x = np.random.default_rng(3).standard_normal((2, 3, *size)).astype(dtype)
+    for align_corners in (False, True):
+        ref = K.interpolate(x, out, align_corners)
+        np.testing.assert_array_equal(nchw(F.resize(nhwc(x), out, align_corners)), ref)   # the same operations
+
+
+@DTYPES
+@pytest.mark.parametrize("h,w,k,dilation", [(9, 11, 3, 1), (9, 11, 3, 4), (5, 6, 3, 12), (33, 33, 3, 36), (7, 8, 5, 2)])
+def test_conv2d_by_taps_equals_the_plain_convolution(h, w, k, dilation, dtype):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, h, w)).astype(dtype)
+    weight = rng.standard_normal((5, 6, k, k)).astype(dtype)
+    bias = rng.standard_normal(5).astype(dtype)
+    pad = (k - 1) // 2 * dilation
+    ref = K.conv2d(x.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), 1, pad, dilation)
+    got = F.conv2d_by_taps(nhwc(x), np.ascontiguousarray(weight.transpose(2, 3, 1, 0)), bias, dilation)
+    close(nchw(got), ref, dtype)

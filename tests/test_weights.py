@@ -148,6 +148,24 @@ def test_default_weights_are_downloaded_cached_and_agree(mirror, tmp_path):
     assert npmnv3.mobilenet_v3_small(weights=tmp_path / "cache" / entry.filename).meta["weights"] == "IMAGENET1K_V1"
 
 
+def test_official_segmentation_weights_are_downloaded_with_their_recipe(mirror):
+    import torchref
+    lraspp = torchref.random_segmentation_model("lraspp_mobilenet_v3_large", seed=5)
+    deeplab = torchref.random_segmentation_model("deeplabv3_mobilenet_v3_large", seed=6, aux_loss=True)
+    mirror("lraspp_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1", lraspp)
+    mirror("deeplabv3_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1", deeplab)
+    model = npmnv3.lraspp_mobilenet_v3_large(weights="DEFAULT", progress=False)
+    assert model.meta["resize_size"] == 520 and model.meta["crop_size"] is None
+    assert model.meta["categories"][15] == "person" and model.meta["miou"] == 57.9
+    model = npmnv3.deeplabv3_mobilenet_v3_large(weights="COCO_WITH_VOC_LABELS_V1", progress=False)
+    assert "aux" in model.heads and model.num_classes == 21       # the official file holds the aux head
+    x = torchref.smooth_images(1, 64, 80).numpy()
+    with torch.no_grad():
+        ref = deeplab(torch.from_numpy(x))
+    out = model(x)
+    assert rel_err(out["out"], ref["out"].numpy()) < 1e-4 and rel_err(out["aux"], ref["aux"].numpy()) < 1e-4
+
+
 def test_large_v1_and_v2_carry_their_preprocessing(mirror):
     torch_model = random_torch_model("mobilenet_v3_large", seed=23)
     mirror("mobilenet_v3_large", "IMAGENET1K_V1", torch_model)
