@@ -3,6 +3,7 @@
 Equality with torchvision's weights.transforms() is exact (np.array_equal), not approximate.
 """
 
+import functools
 import io
 import os
 import struct
@@ -19,21 +20,20 @@ from PIL import Image
 from npmnv3.errors import ImageError
 from npmnv3.images import DEFAULT_MAX_PIXELS, load_image, preprocess
 
-torch = pytest.importorskip("torch")
-tvm = pytest.importorskip("torchvision.models")
-from torchvision.transforms._presets import ImageClassification  # noqa: E402
+RESIZE = {"V1-256": 256, "V2-232": 232}
 
-W = tvm.MobileNet_V3_Large_Weights
-TRANSFORMS = {
-    "V1-256": (W.IMAGENET1K_V1.transforms(), 256),
-    "V2-232": (W.IMAGENET1K_V2.transforms(), 232),
-}
+
+@functools.lru_cache(maxsize=None)
+def transforms(which):
+    """torchvision's weights.transforms() of Large ``which`` ("V1-256" or "V2-232"); skips the test
+    when torchvision is not installed."""
+    large = pytest.importorskip("torchvision.models").MobileNet_V3_Large_Weights
+    return {"V1-256": large.IMAGENET1K_V1, "V2-232": large.IMAGENET1K_V2}[which].transforms()
 
 
 def tv(image, which="V2-232"):
     """torchvision's preprocessing of a PIL image, as numpy."""
-    tf, _ = TRANSFORMS[which]
-    return tf(image).numpy()
+    return transforms(which)(image).numpy()
 
 
 def noise(h, w, c=3, seed=0):
@@ -61,10 +61,10 @@ SIZES = [(1, 1), (7, 5), (5, 7), (100, 37), (257, 300), (259, 259), (261, 400),
          (500, 333), (224, 224), (232, 232), (256, 256), (233, 231)]
 
 
-@pytest.mark.parametrize("which", sorted(TRANSFORMS))
+@pytest.mark.parametrize("which", sorted(RESIZE))
 @pytest.mark.parametrize("w,h", SIZES)
 def test_rgb_sizes_match_torchvision(w, h, which):
-    tf, resize = TRANSFORMS[which]
+    tf, resize = transforms(which), RESIZE[which]
     im = Image.fromarray(noise(h, w))
     got = preprocess(im, resize)
     assert got.dtype == np.float32 and got.shape == (3, 224, 224)
@@ -76,6 +76,7 @@ def test_rgb_sizes_match_torchvision(w, h, which):
                                              (10, 10, 1, 2), (301, 300, 300, 301), (40, 90, 41, 64)])
 def test_other_sizes_and_zero_padding_match_torchvision(w, h, resize, crop):
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    ImageClassification = pytest.importorskip("torchvision.transforms._presets").ImageClassification
     tf = ImageClassification(crop_size=crop, resize_size=resize, mean=mean, std=std)
     im = Image.fromarray(noise(h, w))
     got = preprocess(im, resize, crop, mean, std)
@@ -457,7 +458,7 @@ def test_package_does_not_import_torch():
 # ImageNet class data (npmnv3.imagenet)
 # --------------------------------------------------------------------------- #
 def test_imagenet_categories_and_synsets():
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    _IMAGENET_CATEGORIES = pytest.importorskip("torchvision.models._meta")._IMAGENET_CATEGORIES
 
     from npmnv3.imagenet import categories, class_index, synsets
 

@@ -6,9 +6,6 @@ import pytest
 import npmnv3
 from conftest import ARCHS, npmnv3_model, random_torch_model, record, rel_err, torch_forward
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
-
 OPTIONS = [
     {},
     {"width_mult": 0.75},
@@ -66,6 +63,7 @@ def test_agrees_with_torchvision_options_and_odd_sizes(arch, options, dtype):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_state_dict_names_and_shapes_match_torchvision(arch, options):
+    torchvision = pytest.importorskip("torchvision")
     reference = getattr(torchvision.models, arch)(**options).state_dict()
     ours = getattr(npmnv3, arch)(**options).state_dict()
     assert list(ours) == list(reference)
