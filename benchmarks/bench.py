@@ -34,18 +34,34 @@ CASES = {
     "large32": ("mobilenet_v3_large", 32, 224),
     "small1": ("mobilenet_v3_small", 1, 224),
     "small32": ("mobilenet_v3_small", 32, 224),
+    "lraspp1": ("lraspp_mobilenet_v3_large", 1, 520),
+    "deeplabv3_1": ("deeplabv3_mobilenet_v3_large", 1, 520),
 }
+SEGMENTERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
 TOLERANCE = 1e-4        # max |diff| / max(1, max |torchvision|) before anything is timed
 
 
 # --------------------------------------------------------------------------- workers (one per process)
+
+def torch_network(arch):
+    """torchvision's network ``arch`` without weights (the segmentation ones: the official layout, aux head included)."""
+    import torchvision
+    if arch in SEGMENTERS:
+        options = {"aux_loss": True} if arch.startswith("deeplab") else {}
+        return getattr(torchvision.models.segmentation, arch)(weights=None, weights_backbone=None, **options)
+    return getattr(torchvision.models, arch)()
+
 
 def make_weights(arch, folder):
     """Random torchvision weights with meaningful BN statistics, as .pth (torch) and .npz (npmnv3)."""
     import numpy as np
     import torch
     import torchref
-    model = torchref.random_model(arch, seed=0)
+    if arch in SEGMENTERS:
+        model = torchref.random_segmentation_model(arch, seed=0, **({"aux_loss": True} if arch.startswith("deeplab")
+                                                                     else {}))
+    else:
+        model = torchref.random_model(arch, seed=0)
     pth, npz = os.path.join(folder, f"{arch}.pth"), os.path.join(folder, f"{arch}.npz")
     torch.save(model.state_dict(), pth)
     np.savez(npz, **torchref.numpy_state_dict(model))
@@ -53,8 +69,15 @@ def make_weights(arch, folder):
 
 
 def example_input(batch, size):
+    """Noise for the classifiers; smooth random images (a few colours, interpolated) for the
+    segmenters, whose BatchNorm statistics come from such images: on noise their activations run
+    into the ten thousands, where float32 rounding differs visibly between implementations."""
     import numpy as np
-    return np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    if size == 224:
+        return rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    from npmnv3.kernels import interpolate
+    return interpolate(rng.uniform(-2, 2, (batch, 3, 5, 6)), (size, size)).astype(np.float32)
 
 
 def build(system, arch, folder, batch, size):
@@ -63,17 +86,19 @@ def build(system, arch, folder, batch, size):
     if system == "npmnv3":
         import npmnv3
         model = getattr(npmnv3, arch)(weights=os.path.join(folder, f"{arch}.npz"))
+        if arch in SEGMENTERS:
+            return (lambda: model(x)["out"]), model
         return (lambda: model(x)), model
     if system == "torch":
         import torch
-        import torchvision
-        model = getattr(torchvision.models, arch)().eval()
+        model = torch_network(arch).eval()
         model.load_state_dict(torch.load(os.path.join(folder, f"{arch}.pth")))
         xt = torch.from_numpy(x)
 
         def forward():
             with torch.inference_mode():
-                return model(xt).numpy()
+                out = model(xt)
+                return (out["out"] if arch in SEGMENTERS else out).numpy()
         return forward, model
     if system == "ort":
         import onnxruntime
@@ -85,11 +110,12 @@ def build(system, arch, folder, batch, size):
 def export_onnx(arch, folder):
     """The torch weights as ONNX (in its own process: tracing changed torch eager's speed afterwards)."""
     import torch
-    import torchvision
-    model = getattr(torchvision.models, arch)().eval()
+    model = torch_network(arch).eval()
     model.load_state_dict(torch.load(os.path.join(folder, f"{arch}.pth")))
     args = dict(input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}})
-    torch.onnx.export(model, torch.zeros((1, 3, 224, 224)), os.path.join(folder, f"{arch}.onnx"), dynamo=False, **args)
+    size = next(case[2] for case in CASES.values() if case[0] == arch)
+    torch.onnx.export(model, torch.zeros((1, 3, size, size)), os.path.join(folder, f"{arch}.onnx"), dynamo=False,
+                      **args)
 
 
 def worker(args):
@@ -153,7 +179,8 @@ def fmt(values):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
+    parser.add_argument("--cases", default="large1,large32,small1,small32",
+                        help=f"comma-separated, from {','.join(CASES)} (default: the four classifier cases)")
     parser.add_argument("--rounds", type=int, default=5, help="processes per system and case (default 5)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed calls per process, in seconds (default 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="untimed calls first, in seconds (default 1)")

@@ -239,4 +239,31 @@ def resize(x, size, align_corners=False):
     h0, h1, wh0, wh1 = resize_source(x.shape[1], size[0], x.dtype, align_corners)
     w0, w1, ww0, ww1 = resize_source(x.shape[2], size[1], x.dtype, align_corners)
     rows = x[:, :, w0] * ww0[:, None] + x[:, :, w1] * ww1[:, None]
-    return rows[:, h0] * wh0[:, None, None] + rows[:, h1] * wh1[:, None, None]
+    out = rows[:, h0]
+    out *= wh0[:, None, None]
+    bottom = rows[:, h1]
+    bottom *= wh1[:, None, None]
+    out += bottom
+    return out
+
+
+def resize_nchw(x, size, align_corners=False):
+    """``kernels.interpolate`` (the same floats) for a large NCHW output, one (H_out, W_out) plane at a
+    time: the temporaries are one plane each and reused, where whole-array temporaries would cost
+    more in page faults than the arithmetic itself."""
+    n, c, height, width = x.shape
+    out_h, out_w = size
+    h0, h1, wh0, wh1 = resize_source(height, out_h, x.dtype, align_corners)
+    w0, w1, ww0, ww1 = resize_source(width, out_w, x.dtype, align_corners)
+    rows = x[..., w0] * ww0
+    rows += x[..., w1] * ww1                              # (N, C, H, W_out)
+    out = np.empty((n, c, out_h, out_w), x.dtype)
+    top, bottom = np.empty((2, out_h, out_w), x.dtype)
+    for i in range(n):
+        for k in range(c):
+            np.take(rows[i, k], h0, axis=0, out=top, mode="clip")      # (mode "raise" would copy first)
+            np.take(rows[i, k], h1, axis=0, out=bottom, mode="clip")
+            np.multiply(top, wh0[:, None], out=top)
+            np.multiply(bottom, wh1[:, None], out=bottom)
+            np.add(top, bottom, out=out[i, k])
+    return out

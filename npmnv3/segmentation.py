@@ -260,7 +260,7 @@ class _Segmenter(Network):
         taps = engine.run(x, taps=self.taps, threads=self.threads, layout="NHWC")
         low, high = (taps[name] for name in self.taps)
         with blas_threads(1):
-            result = {name: K.interpolate(_to_nchw(y), x.shape[2:])
+            result = {name: F.resize_nchw(_to_nchw(y), x.shape[2:])
                       for name, y in self._heads_fast(low, high, engine.prepared).items()}
         if not return_intermediates:
             return result

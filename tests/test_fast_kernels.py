@@ -107,3 +107,9 @@ def test_conv2d_by_taps_equals_the_plain_convolution(h, w, k, dilation, dtype):
     ref = K.conv2d(x.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), 1, pad, dilation)
     got = F.conv2d_by_taps(nhwc(x), np.ascontiguousarray(weight.transpose(2, 3, 1, 0)), bias, dilation)
     close(nchw(got), ref, dtype)
+
+
+def test_plane_by_plane_resize_is_the_plain_resize():
+    x = np.random.default_rng(5).standard_normal((2, 3, 13, 9)).astype(np.float32)
+    for size in [(40, 31), (13, 9), (5, 4)]:
+        np.testing.assert_array_equal(F.resize_nchw(x, size), K.interpolate(x, size))
