@@ -212,12 +212,14 @@ def test_predict_shows_progress_on_a_terminal(files, tmp_path):
     assert "\r[" in err and err.rstrip().endswith("] 5/5 images")
 
 
-def test_offline_and_network_failures_name_what_to_do(tmp_path):
-    run = npmnv3_cli("predict", "--arch", "mobilenet_v3_small", "--offline", tmp=tmp_path, env={"NPMNV3_OFFLINE": ""})
+def test_offline_and_network_failures_name_what_to_do(files, tmp_path):
+    image = files / "a.png"
+    run = npmnv3_cli("predict", image, "--arch", "mobilenet_v3_small", "--offline", tmp=tmp_path,
+                     env={"NPMNV3_OFFLINE": ""})
     assert run.returncode == 1 and "the network is forbidden by --offline" in run.stderr
-    run = npmnv3_cli("predict", "--arch", "mobilenet_v3_small", tmp=tmp_path)
+    run = npmnv3_cli("predict", image, "--arch", "mobilenet_v3_small", tmp=tmp_path)
     assert "the network is forbidden by NPMNV3_OFFLINE=1" in run.stderr and "--weights PATH" in run.stderr
-    run = npmnv3_cli("predict", "--arch", "mobilenet_v3_small", tmp=tmp_path,
+    run = npmnv3_cli("predict", image, "--arch", "mobilenet_v3_small", tmp=tmp_path,
                      env={"NPMNV3_OFFLINE": "", "NPMNV3_WEIGHTS_URL": "http://host.invalid/models/"})
     assert run.returncode == 1
     assert "no network: the server's name could not be resolved" in run.stderr and "--weights PATH" in run.stderr
