@@ -109,13 +109,13 @@ def test_fold_batch_norm(depthwise, dtype):
     assert_close(conv(x, fw) + fb[None, :, None, None], unfused, dtype)
 
 
-@pytest.mark.parametrize("name,torch_fn", [("relu", F.relu), ("hard_sigmoid", F.hardsigmoid),
-                                           ("hard_swish", F.hardswish)])
+@pytest.mark.parametrize("name,torch_fn", [("relu", F.relu), ("relu6", F.relu6), ("sigmoid", torch.sigmoid),
+                                           ("hard_sigmoid", F.hardsigmoid), ("hard_swish", F.hardswish)])
 @pytest.mark.parametrize("dtype", (np.float64, np.float32))
 def test_activations(name, torch_fn, dtype):
-    # values on and around the kinks at -3, 0 and 3, plus random ones
-    x = np.concatenate([[-3.0, 3.0, 0.0, -3.0001, 2.9999, -1e-9, 1e-9],
-                        rng(6).uniform(-6, 6, 200)]).astype(dtype).reshape(1, 1, 9, 23)
+    # values on and around the kinks at -3, 0, 3 and 6, where sigmoid saturates (exp(800) overflows), and random
+    x = np.concatenate([[-3.0, 3.0, 0.0, 6.0, -3.0001, 2.9999, 5.9999, 6.0001, -1e-9, 1e-9, -800.0, 800.0, -40.0],
+                        rng(6).uniform(-8, 8, 194)]).astype(dtype).reshape(1, 1, 9, 23)
     ref = torch_fn(t(x)).numpy()
     assert_close(getattr(K, name)(x), ref, dtype)
     assert_close(getattr(K, name + "_naive")(x), ref, dtype)
@@ -158,3 +158,15 @@ def test_conv_output_size_matches_torch():
         x = torch.zeros(1, 1, size, size)
         expected = F.conv2d(x, torch.zeros(1, 1, k, k), stride=s, padding=p, dilation=d).shape[-1]
         assert K.conv_output_size(size, k, s, p, d) == expected
+
+
+@pytest.mark.parametrize("shape,size", [((1, 2, 7, 9), (16, 23)), ((3, 1, 31, 17), (8, 5)), ((2, 3, 5, 6), (5, 6)),
+                                        ((1, 1, 1, 1), (4, 3)), ((1, 2, 9, 4), (1, 1)), ((1, 1, 40, 3), (13, 11))],
+                         ids=["up", "down", "same", "from-1x1", "to-1x1", "mixed"])
+@pytest.mark.parametrize("align_corners", (False, True))
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+def test_bilinear_interpolate(shape, size, align_corners, dtype):
+    x = rng(7).standard_normal(shape).astype(dtype)
+    ref = F.interpolate(t(x), size=size, mode="bilinear", align_corners=align_corners).numpy()
+    assert_close(K.interpolate(x, size, align_corners), ref, dtype)
+    assert_close(K.interpolate_naive(x, size, align_corners), ref, dtype)
