@@ -13,13 +13,26 @@ def readme_commands():
     return re.findall(r"```bash\n(python3 -m venv .*?)\n```", (ROOT / "README.md").read_text())
 
 
+def extras(command):
+    return re.findall(r'pip install -e "\.\[(\w+)\]"', command)
+
+
 def test_ci_runs_readme_test_command_verbatim():
     commands = readme_commands()
-    assert len(commands) == 2, commands
-    main_job, test_job = commands
-    assert "pytest" in test_job and "npmnv3 predict" in main_job
+    assert len(commands) == 3, commands
+    main_job, test_job, torch_free_job = commands
+    assert "npmnv3 predict" in main_job
+    assert test_job.endswith("python -m pytest -q") and extras(test_job) == ["dev"]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_job in ci
+
+
+def test_readme_torch_free_test_command_installs_no_torch():
+    torch_free_job = readme_commands()[2]
+    assert torch_free_job.endswith("python -m pytest -q") and extras(torch_free_job) == ["test"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    test_extra = " ".join(project["optional-dependencies"]["test"]).lower()
+    assert "pytest" in test_extra and "torch" not in test_extra
 
 
 def test_runtime_dependencies_are_numpy_pillow_and_threadpoolctl():
