@@ -30,7 +30,7 @@ import numpy as np
 from ..config import Block
 from ..threads import blas_threads
 from .parallel import row_groups, run_tasks
-from .plan import Plan
+from .plan import Plan, classify
 from .prepare import Prepared
 
 CHUNK = 8               # images per chunk of a batch (4 and 16 measured slower)
@@ -123,21 +123,30 @@ class Engine:
         chunks = chunk_bounds(n)
         with blas_threads(1):   # the engine's own threads share the work; BLAS's would compete
             if n == 1:
-                parts = [self._run_one(x, taps, threads, layout)]
-            else:
-                parts = [None] * len(chunks)
+                return self._run_one(x, taps, threads, layout)
+            parts = [None] * len(chunks)        # per chunk: (taps, scale of the pooled features)
+            pooled = None if self.classifier is None else np.empty((n, self.classifier[0].in_features), self.dtype)
 
-                def task(i, a, b):
-                    parts[i] = self._run_chunk(x[a:b], taps, layout)
-                run_tasks([partial(task, i, a, b) for i, (a, b) in enumerate(chunks)], threads)
-        if len(parts) == 1:
-            return parts[0]
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            def task(i, a, b):
+                parts[i] = self._run_chunk(x[a:b], taps, layout, None if pooled is None else pooled[a:b])
+            run_tasks([partial(task, i, a, b) for i, (a, b) in enumerate(chunks)], threads)
+            out = {name: np.concatenate([p[name] for p, _ in parts]) for name in parts[0][0]}
+            if pooled is not None:
+                out["logits"] = classify(self.prepared, self.classifier, pooled, parts[0][1])
+        return out
 
     def _result(self, plan, out):
         if plan.logits is not None:
             out["logits"] = plan.logits.copy()
         return out
+
+    def _pooled(self, plan, out, pooled):
+        """A chunk's outputs: its taps, and (into ``pooled``, its rows of the batch's pooled features)
+        the pooled features, with their scale."""
+        if pooled is None:
+            return out, None
+        np.copyto(pooled, plan.pooled)
+        return out, plan.pooled_scale
 
     def _run_one(self, x, taps, threads, layout):
         banded = threads > 1
@@ -146,19 +155,19 @@ class Engine:
         return self._with_plan(key, lambda plan: self._result(
             plan, plan.run(x, taps, layout=layout, steps=steps(plan), threads=threads)))
 
-    def _run_chunk(self, x, taps, layout):
+    def _run_chunk(self, x, taps, layout, pooled):
         n, _, h, w = x.shape
         k = self.prefix
         if taps or k == 0 or k >= len(self.features):
-            return self._with_plan((n, h, w, taps, 0, False),
-                                   lambda plan: self._result(plan, plan.run(x, taps, layout=layout)))
+            return self._with_plan((n, h, w, taps, 0, False), lambda plan: self._pooled(
+                plan, plan.run(x, taps, layout=layout, classify=False), pooled))
 
         def go(chunk, single):
             entry = chunk.entry(k - 1)
             for i in range(n):
                 single.run(x[i:i + 1], stop=k)
                 np.copyto(entry[i:i + 1], single.entry(k - 1))
-            return self._result(chunk, chunk.run(start=k))
+            return self._pooled(chunk, chunk.run(start=k, classify=False), pooled)
         return self._with_plan((n, h, w, frozenset(), k, False),
                                lambda chunk: self._with_plan((1, h, w, frozenset(), 0, False),
                                                              lambda single: go(chunk, single)))

@@ -58,6 +58,7 @@ def _copy_cost(floats):
 
 
 ALIGN = 64     # bytes: every buffer starts at such a boundary
+SUM_BLOCK = 128    # squeeze-excite sums its map's positions in blocks of this many
 
 
 def aligned_empty(size, dtype):
@@ -131,11 +132,15 @@ def _bias_act(y_rows, bias_row, act, y, tmp, out):
         np.copyto(out, y)
 
 
-def _se_gate(d3, w1, b1, w2, b2, mean_vec, mean, z, gate):
-    """Squeeze-excite gate (n, C) in [0, 1] of the map d3 (n, P, C), into ``gate`` (scales pre-folded);
-    ``mean`` (n, 1, C) and ``z`` (n, S) are scratch."""
-    np.matmul(mean_vec, d3, out=mean)
-    np.matmul(mean[:, 0], w1, out=z)
+def _se_gate(d3, w1, b1, w2, b2, blocks, partial, total, z, gate):
+    """Squeeze-excite gate (n, C) in [0, 1] of the map d3 (n, P, C), into ``gate`` (scales and the
+    mean's 1/P pre-folded into w1). The sum over the P positions is taken in blocks (one GEMM with
+    the (B, P) indicator matrix ``blocks``, then the B partial sums added): a float32 sum's rounding
+    error grows with the number of terms added one after another, and a map's mean steers every
+    gate after it. ``partial`` (n, B, C), ``total`` (n, C) and ``z`` (n, S) are scratch."""
+    np.matmul(blocks, d3, out=partial)
+    np.add.reduce(partial, axis=1, out=total)
+    np.matmul(total, w1, out=z)
     z += b1
     F.relu(z, z)
     np.matmul(z, w2, out=gate)
@@ -149,6 +154,27 @@ def _linear(x, weight, bias, act, tmp, out):
     out += bias
     if act == "HS":
         F.hard_swish6(out, tmp, out)
+
+
+def linear_layers(prepared, classifier, scale):
+    """(layer, weight, bias) of each Linear record, its weights absorbing the scale its input has."""
+    for layer in classifier:
+        weight, bias = prepared.linear(layer, in_scale=scale)
+        yield layer, weight, bias
+        scale = F.HS_SCALE if layer.activation == "HS" else 1.0
+
+
+def classify(prepared, classifier, pooled, scale):
+    """The Linear layers on a whole batch of pooled features (N, C) at ``scale``: logits (N, classes).
+
+    A batch's chunks pool on their own plans and meet here, so the classifier's weights (5 MB for
+    Large) are read once per batch rather than once per chunk."""
+    z = pooled
+    for layer, weight, bias in linear_layers(prepared, classifier, scale):
+        y = np.empty((len(z), layer.out_features), z.dtype)
+        _linear(z, weight, bias, layer.activation, np.empty_like(y), y)
+        z = y
+    return z
 
 
 class Plan:
@@ -194,7 +220,11 @@ class Plan:
                 x = self._conv1x1(layer, x, f"out.{layer.name}" if layer.name in self.taps else "exp")
             self._mark(layer.name, x, stage=True)
         self.output = x
-        self.logits = None if classifier is None else self._classifier(x, classifier)
+        self.pooled = self.logits = None
+        if classifier is not None:
+            self.pooled, self.pooled_scale = self._pool(x)
+            self.pooled_at = len(self.calls)
+            self.logits = self._classifier(self.pooled, self.pooled_scale, classifier)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -424,9 +454,10 @@ class Plan:
         _, ho, wo, e = d.shape
         cout = proj_w.shape[1]
         gate = arena.get("se_gate", (n, e))
-        mean_vec = self._mean_vector(ho * wo)
-        self._add(_se_gate, d.reshape(n, ho * wo, e), *self.prep.squeeze_excite(se, in_scale=d_scale), mean_vec,
-                  arena.get("se_mean", (n, 1, e)), arena.get("se_z", (n, se.squeeze)), gate)
+        blocks = self._block_indicator(ho * wo)
+        self._add(_se_gate, d.reshape(n, ho * wo, e), *self.prep.squeeze_excite(se, in_scale=d_scale * ho * wo),
+                  blocks, arena.get("se_partial", (n, len(blocks), e)), arena.get("se_total", (n, e)),
+                  arena.get("se_z", (n, se.squeeze)), gate)
         if ho * wo > cout:      # fewer floats to scale in the weight than in the map
             w_gated = arena.get("se_weight", (n, e, cout))
             self._add(np.multiply, gate[:, :, None], proj_w, out=w_gated)
@@ -439,32 +470,44 @@ class Plan:
                       rows=ho, cost=_pass_cost(d.size))
             self._gemm(d, proj_w, out, wo)
 
-    def _classifier(self, x, classifier):
-        """Pooling (a matrix-vector product per image) and the Linear layers, into an (n, classes) buffer.
-
-        One image's pooling and layers are cut by output columns (reading a 5 MB weight in two
-        halves on two cores takes half as long); each needs all of the previous one's output."""
+    def _pool(self, x):
+        """Global pooling of Map x as sums over blocks of positions (as squeeze-excite's): an (n, C)
+        buffer of sums, and the scale that makes them means (1/P folded in). One image's pooling is
+        cut by channels."""
         n, h, w, c = x.x.shape
-        pooled = self.arena.get("pooled", (n, 1, c))
-        self._add(np.matmul, self._mean_vector(h * w), x.x.reshape(n, h * w, c), out=pooled,
+        blocks = self._block_indicator(h * w)
+        partial = self.arena.get("pool_partial", (n, len(blocks), c))
+        pooled = self.arena.get("pooled", (n, c))
+        self._add(np.matmul, blocks, x.x.reshape(n, h * w, c), out=partial,
                   cuts=[(1, 2, 1, False), ("out", 2, 1, True)], rows=c, cost=_pass_cost(h * w * c))
-        z, scale = pooled[:, 0], x.scale
-        for k, layer in enumerate(classifier):
-            weight, bias = self.prep.linear(layer, in_scale=scale)
+        self._add(np.add.reduce, partial, axis=1, out=pooled, cuts=[(0, 2, 1, False), ("out", 1, 1, True)], rows=c,
+                  cost=_pass_cost(partial.size))
+        return pooled, x.scale * h * w
+
+    def _classifier(self, z, scale, classifier):
+        """The Linear layers on the pooled (n, C) features, into an (n, classes) buffer.
+
+        One image's layers are cut by output columns (reading a 5 MB weight in two halves on two
+        cores takes half as long); each needs all of the previous one's output."""
+        n = z.shape[0]
+        for k, (layer, weight, bias) in enumerate(linear_layers(self.prep, classifier, scale)):
             shape = (n, layer.out_features)
             y, tmp = self.arena.get(f"classifier.{k}", shape), self.arena.get(f"classifier.{k}.tmp", shape)
             self._add(_linear, z, weight, bias, layer.activation, tmp, y,
                       cuts=[(1, 1, 1, False), (2, 0, 1, False), (4, 1, 1, True), (5, 1, 1, True)],
                       rows=layer.out_features, cost=_pass_cost(weight.size))
-            z, scale = y, (F.HS_SCALE if layer.activation == "HS" else 1.0)
+            z = y
         return z
 
-    def _mean_vector(self, positions):
-        """A (1, positions) row of 1 / positions (its own aligned buffer)."""
-        row = self.arena.get(f"mean{positions}", (1, positions))
+    def _block_indicator(self, positions):
+        """The (B, positions) matrix whose row b is 1 on positions [b L, (b + 1) L) (L = ``SUM_BLOCK``)."""
+        count = -(-positions // SUM_BLOCK)
+        blocks = self.arena.get(f"blocks{positions}", (count, positions))
         if self.arena.real:
-            row[...] = 1.0 / positions
-        return row
+            blocks[...] = 0
+            for b in range(count):
+                blocks[b, b * SUM_BLOCK:(b + 1) * SUM_BLOCK] = 1
+        return blocks
 
     # ------------------------------------------------------------------ running
 
@@ -473,19 +516,21 @@ class Plan:
         m = self.stages[index][1]
         return m.x if m.ones is None else m.ones
 
-    def run(self, x=None, taps=(), start=0, stop=None, layout="NCHW", steps=None, threads=1):
+    def run(self, x=None, taps=(), start=0, stop=None, layout="NCHW", steps=None, threads=1, classify=True):
         """Run the plan on x (n, 3, H, W); return {name: output} for the ``taps`` asked for.
 
         With ``start`` > 0, x is ignored: the caller filled features.<start - 1> (``entry``).
-        With ``stop``, only features.0 .. features.<stop - 1> run. ``steps`` (from
-        ``parallel.row_groups``) run on ``threads`` threads instead of the calls one by one."""
+        With ``stop``, only features.0 .. features.<stop - 1> run; with ``classify`` false, the
+        classifier stops after the pooling (``pooled``). ``steps`` (from ``parallel.row_groups``)
+        run on ``threads`` threads instead of the calls one by one."""
         if start == 0:
             np.copyto(self.x_interior, x)
         if steps is not None:
             run_steps(steps, threads)
         else:
             begin = self.stages[start - 1][2] if start else 0
-            end = len(self.calls) if stop is None else self.stages[stop - 1][2]
+            end = self.stages[stop - 1][2] if stop is not None else \
+                len(self.calls) if classify or self.pooled is None else self.pooled_at
             for call in self.calls[begin:end]:
                 call()
         return {name: export(m, layout) for name, m in self.points.items() if name in taps}     # in layer order
