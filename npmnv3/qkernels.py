@@ -26,13 +26,16 @@ how large an int32 accumulator can get for given weights; the network refuses we
 accumulator could pass 2**31 - 1 instead of letting an int32 kernel wrap around silently.
 
 Arrays are NCHW like ``kernels.py``; integer outputs of the ``*_naive`` functions are int64 arrays,
-of the vectorised accumulators integer-valued float64 arrays (the same numbers).
+of the vectorised accumulators integer-valued float64 arrays (the same numbers). Weights and biases
+may be given as int8 / int64 arrays or as the same integers in float64 (what the network keeps, so
+that nothing is converted per call).
 """
 
 from typing import NamedTuple
 
 import numpy as np
 
+from . import fast_kernels as FK
 from . import kernels as K
 
 F32 = np.float32
@@ -118,10 +121,12 @@ def requantize_naive(acc, multiplier, zero_point, relu=False):
 
 def requantize(acc, multiplier, zero_point, relu=False):
     """Vectorised ``requantize_naive``: accumulators (integer-valued, any shape) -> uint8."""
-    y = np.rint(np.asarray(acc).astype(F32) * F32(multiplier))
+    y = np.asarray(acc).astype(F32)
+    y *= F32(multiplier)
+    np.rint(y, out=y)
     y += F32(zero_point)
-    low = zero_point if relu else UINT8_MIN
-    return np.clip(y, low, UINT8_MAX).astype(np.uint8)
+    FK.clip(y, F32(zero_point if relu else UINT8_MIN), F32(UINT8_MAX), out=y)
+    return y.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- weights and biases
@@ -194,7 +199,11 @@ def conv2d_naive(x_q, x_zero_point, w_q, bias_q, stride=1, padding=0, dilation=1
 
 def _centred(x_q, x_zero_point):
     """x_q - zero_point as float64 (exact integers)."""
-    return np.asarray(x_q, np.float64) - float(x_zero_point)
+    x = np.asarray(x_q, np.float64)
+    if x is x_q:
+        x = x.copy()
+    x -= float(x_zero_point)
+    return x
 
 
 def conv2d(x_q, x_zero_point, w_q, bias_q, stride=1, padding=0, dilation=1):
@@ -214,10 +223,14 @@ def depthwise_conv2d_naive(x_q, x_zero_point, w_q, bias_q, stride=1, padding=0, 
 
 
 def depthwise_conv2d(x_q, x_zero_point, w_q, bias_q, stride=1, padding=0, dilation=1):
-    """Vectorised ``depthwise_conv2d_naive``: shift and accumulate in float64 (exact)."""
-    acc = K.depthwise_conv2d(_centred(x_q, x_zero_point), np.asarray(w_q, np.float64), stride, padding, dilation)
-    acc += np.asarray(bias_q, np.float64)[None, :, None, None]
-    return acc
+    """Vectorised ``depthwise_conv2d_naive``, in float64 (exact): the fast NHWC kernel
+    (``fast_kernels.depthwise_conv2d``, whose inner loops run over W * C contiguous values) on the
+    channels-last view of x, then back to NCHW."""
+    centred = np.ascontiguousarray(_centred(x_q, x_zero_point).transpose(0, 2, 3, 1))
+    taps = np.ascontiguousarray(np.asarray(w_q, np.float64)[:, 0].transpose(1, 2, 0))       # (k, k, C)
+    acc = FK.depthwise_conv2d(centred, taps, stride, padding, dilation)
+    acc += np.asarray(bias_q, np.float64)
+    return acc.transpose(0, 3, 1, 2)
 
 
 def linear_naive(x_q, x_zero_point, w_q, bias_q):

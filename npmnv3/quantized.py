@@ -37,6 +37,7 @@ import numpy as np
 from . import qkernels as QK
 from .config import BN_FIELDS, Block, Conv, Linear, SqueezeExcite, classifier_layers, mobilenet_v3_features
 from .model import keep
+from .engine.parallel import run_tasks
 from .network import Network, check_input
 from .summary import layer_costs
 from .threads import blas_threads
@@ -151,7 +152,7 @@ class QuantizedLayer:
     """A conv or linear layer converted to integers.
 
     weight: int8 (O, C, kh, kw) or (O, I); bias: (O,) int32 values (int64 array), in units of
-    s_x * s_w; ``output``: the scale and zero point the accumulator is requantized to (with
+    s_x * s_w; ``weight64`` / ``bias64``: the same integers in float64, as the kernels accumulate them; ``output``: the scale and zero point the accumulator is requantized to (with
     ``multiplier`` = (s_w * s_x) / s_y), clamped at the zero point when ``relu``. With a hard-swish,
     ``table`` maps the requantized integers to the activation's, quantized as ``activation``.
     """
@@ -159,6 +160,8 @@ class QuantizedLayer:
     weight: np.ndarray
     weight_scale: np.float32
     bias: np.ndarray
+    weight64: np.ndarray
+    bias64: np.ndarray
     multiplier: np.float32
     output: QParams
     relu: bool = False
@@ -233,7 +236,8 @@ def quantize_layer(name, weight, bias, params, weight_prefix, output_prefix, x, 
     if bound > QK.INT32_MAX:
         raise ValueError(f"{name}: an int32 accumulator could reach {bound} (> 2**31 - 1) with these weights")
     output = activation_qparams(params, output_prefix)
-    layer = dict(weight=w_q, weight_scale=weight_scale, bias=b_q,
+    layer = dict(weight=w_q, weight_scale=weight_scale, bias=b_q, weight64=w_q.astype(np.float64),
+                 bias64=b_q.astype(np.float64),
                  multiplier=QK.requantization_multiplier((weight_scale, x.scale), output.scale), output=output,
                  relu=relu)
     if hard_swish is not None:
@@ -311,7 +315,7 @@ def quantized_conv(x, conv, q, outputs=None):
 
     x: QTensor (N, C_in, H, W) -> QTensor (N, C_out, H_out, W_out); ``q``: its ``QuantizedLayer``."""
     kernel = QK.depthwise_conv2d if conv.depthwise else QK.conv2d
-    acc = kernel(x.values, x.zero_point, q.weight, q.bias, conv.stride, conv.padding, conv.dilation)
+    acc = kernel(x.values, x.zero_point, q.weight64, q.bias64, conv.stride, conv.padding, conv.dilation)
     return keep(outputs, conv.name, requantized(acc, q))
 
 
@@ -322,8 +326,8 @@ def quantized_squeeze_excite(x, se, layers, outputs=None):
     linear layers on the (N, C) means."""
     pooled = QK.global_avg_pool(x.values, x.zero_point, x.scale)                       # (N, C), x's qparams
     fc1, fc2 = layers[f"{se.name}.fc1"], layers[f"{se.name}.fc2"]
-    s = requantized(QK.linear(pooled, x.zero_point, fc1.weight[:, :, 0, 0], fc1.bias), fc1)        # (N, S)
-    e = requantized(QK.linear(s.values, s.zero_point, fc2.weight[:, :, 0, 0], fc2.bias), fc2)      # (N, C)
+    s = requantized(QK.linear(pooled, x.zero_point, fc1.weight64[:, :, 0, 0], fc1.bias64), fc1)        # (N, S)
+    e = requantized(QK.linear(s.values, s.zero_point, fc2.weight64[:, :, 0, 0], fc2.bias64), fc2)      # (N, C)
     gate = layers[f"{se.name}.gate"][e.values][:, :, None, None]                     # scale 1/256, zero point 0
     out = layers[se.name]
     y = QK.mul(x.values, x.scale, x.zero_point, gate, QK.HARD_SIGMOID_SCALE, QK.HARD_SIGMOID_ZERO_POINT, *out)
@@ -352,7 +356,7 @@ def quantized_bneck(x, block, layers, outputs=None):
 
 def quantized_linear(x, layer, q, outputs=None):
     """One ``config.Linear`` in integers: QTensor (N, in) -> QTensor (N, out)."""
-    return keep(outputs, layer.name, requantized(QK.linear(x.values, x.zero_point, q.weight, q.bias), q))
+    return keep(outputs, layer.name, requantized(QK.linear(x.values, x.zero_point, q.weight64, q.bias64), q))
 
 
 def forward_features(x, features, layers, outputs=None):
@@ -425,17 +429,44 @@ class QuantizedMobileNetV3(Network):
         x: (N, 3, H, W) float array (normalised as ``npmnv3.preprocess`` does). Returns float32 logits
         (N, num_classes), or ``(logits, features)`` with ``return_intermediates``: ``features`` maps each
         ``"features.i"`` to its ``qkernels.QTensor`` (uint8 NCHW values, scale, zero point).
+
+        BLAS runs on one thread (the many small float64 products gain nothing from more); with
+        ``threads`` > 1 a batch is cut into chunks of ``CHUNK`` images run on that many threads.
         """
         x = check_input(x, np.float32)
         network = self.engine()
-        outputs = {} if return_intermediates else None
-        with blas_threads(self.threads):
-            q = QK.QTensor(QK.quantize(x, *network.input), *network.input)
-            q = forward_features(q, self.features, network.layers, outputs)
-            logits = classify(q, self.classifier, network.layers).dequantize()
+        chunks = [x[i:i + CHUNK] for i in range(0, len(x), CHUNK)]
+        results = [None] * len(chunks)
+
+        def task(i):
+            def run():
+                results[i] = run_quantized(chunks[i], self.features, self.classifier, network, return_intermediates)
+            return run
+
+        with blas_threads(1):
+            run_tasks([task(i) for i in range(len(chunks))], self.threads)
+        logits = np.concatenate([r[0] for r in results])
         if not return_intermediates:
             return logits
-        return logits, {layer.name: outputs[layer.name] for layer in self.features}
+        features = {name: QK.QTensor(np.concatenate([r[1][name].values for r in results]), *results[0][1][name][1:])
+                    for name in results[0][1]}
+        return logits, features
+
+
+CHUNK = 4       # images per task when a batch is split over threads
+
+
+def run_quantized(x, features, classifier, network, return_intermediates=False):
+    """The integer forward pass of one batch: ``(logits, {"features.i": QTensor} or None)``.
+
+    x: (N, 3, H, W) float32 -> dequantized float32 logits (N, classes)."""
+    outputs = {} if return_intermediates else None
+    q = QK.QTensor(QK.quantize(x, *network.input), *network.input)
+    q = forward_features(q, features, network.layers, outputs)
+    logits = classify(q, classifier, network.layers).dequantize()
+    if not return_intermediates:
+        return logits, None
+    return logits, {layer.name: outputs[layer.name] for layer in features}
 
 
 def layer_bytes(name, network):
