@@ -9,7 +9,7 @@ Activations are uint8 (q in 0..255, any zero point), weights int8 (q in -128..12
 "symmetric"). A quantized layer never leaves the integers: it accumulates products of integers in
 int32 and *requantizes* the sum to the next tensor's scale and zero point::
 
-    acc = bias_q + sum_k (x_q[k] - x_zp) * w_q[k]              int32, bias_q = rint(b / (s_x * s_w))
+    acc = bias_q + sum_k (x_q[k] - x_zp) * w_q[k]              int32, bias_q = rint(b * (1 / (s_x * s_w)))
     y_q = clamp(rint(acc * M) + y_zp, 0, 255),   M = (s_w * s_x) * (1 / s_y)
 
 Everything here follows what PyTorch's quantized CPU kernels compute under the QNNPACK engine
@@ -165,10 +165,12 @@ def quantize_weight(w, scale):
 
 
 def quantize_bias(b, input_scale, weight_scale):
-    """A float bias to the int32 accumulator's units: rint(b / (s_x * s_w)), float32 division.
+    """A float bias to the int32 accumulator's units: rint(b * (1 / (s_x * s_w))) in float32.
 
-    Returns int64 (the int32 values); ValueError when one does not fit in int32."""
-    q = np.rint(np.asarray(b, F32) / F32(F32(input_scale) * F32(weight_scale))).astype(np.int64)
+    The multiplication by the reciprocal is PyTorch's; a division rounds b / s = k + 0.5 the other way
+    now and then, and that one integer then shifts every output of its channel. Returns int64 (the
+    int32 values); ValueError when one does not fit in int32."""
+    q = np.rint(np.asarray(b, F32) * (F32(1) / F32(F32(input_scale) * F32(weight_scale)))).astype(np.int64)
     if q.size and np.abs(q).max() > INT32_MAX:
         raise ValueError(f"bias: {np.abs(q).max()} does not fit in int32 at scale {input_scale} * {weight_scale}")
     return q

@@ -25,8 +25,9 @@ def random_qparams(rng, low=0.005, high=0.2):
 
 
 def test_quantize_and_dequantize_match_torch():
-    x = (RNG.standard_normal((2, 3, 9, 11)) * 3).astype(F32)
     for scale, zero_point in [(F32(0.0213), 128), (F32(0.05), 3), (F32(1 / 64), 250)]:
+        x = (RNG.standard_normal((2, 3, 9, 11)) * 3).astype(F32)
+        x.flat[::2] = ((RNG.integers(-128, 127, x.size) + 0.5) * np.float64(scale)).astype(F32)[::2]   # near ties
         ref = torch.quantize_per_tensor(torch.from_numpy(x), float(scale), zero_point, torch.quint8)
         q = QK.quantize(x, scale, zero_point)
         np.testing.assert_array_equal(q, ref.int_repr().numpy())
@@ -70,6 +71,28 @@ def test_weight_quantization_matches_torch():
     assert QK.symmetric_weight_scale(F32(w.min()), F32(w.max())) == F32(scale.item())
     ref = torch.quantize_per_tensor(torch.from_numpy(w), scale.item(), 0, torch.qint8).int_repr().numpy()
     np.testing.assert_array_equal(QK.quantize_weight(w, F32(scale.item())), ref)
+    halves = RNG.integers(-127, 127, 4000) + 0.5 + RNG.choice([0, 1e-7, -1e-7, 3e-7], 4000)   # at and near ties
+    for scale in (F32(0.00317), F32(0.0123), F32(1 / 128)):
+        w = (halves * np.float64(scale)).astype(F32)
+        ref = torch.quantize_per_tensor(torch.from_numpy(w), float(scale), 0, torch.qint8).int_repr().numpy()
+        np.testing.assert_array_equal(QK.quantize_weight(w, scale), ref)
+
+
+def test_biases_at_half_steps_round_as_torch_does():
+    """Zero weights and an output scale equal to s_x * s_w: the output is the quantized bias itself.
+    Biases a hair around (k + 1/2) * s_x * s_w show how torch rounds them."""
+    rng = np.random.default_rng(1)
+    channels = 64
+    with torchref.quantized_engine("qnnpack"):
+        for _ in range(20):
+            s_in, s_w = F32(rng.uniform(0.01, 0.2)), F32(rng.uniform(0.001, 0.01))
+            unit = F32(s_in * s_w)
+            k = rng.integers(-100, 100, channels) + 0.5 + rng.choice([0, 1e-7, -1e-7, 3e-7, -3e-7], channels)
+            bias = (k * np.float64(unit)).astype(F32)
+            x_q = np.full((1, channels, 1, 1), 7, np.uint8)
+            ref = torch_conv(x_q, (s_in, 7), np.zeros((channels, 1, 1, 1), np.int8), s_w, bias, (unit, 128), 1, 0,
+                             channels)
+            np.testing.assert_array_equal(QK.quantize_bias(bias, s_in, s_w), ref.ravel().astype(np.int64) - 128)
 
 
 def test_bias_that_does_not_fit_int32_is_refused():

@@ -7,6 +7,7 @@ run them and to hand their weights to npmnv3.
 
 import contextlib
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -120,6 +121,17 @@ QUANTIZED_LOGIT_LEVELS = 200    # ``random_quantizable_model`` scales the classi
 
 
 @contextlib.contextmanager
+def quiet_quantization():
+    """Silence torch's warnings that eager-mode quantization is deprecated and that unused observers
+    (a block's residual add without a residual) were never run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
+        warnings.filterwarnings("ignore", "must run observer before calling calculate_qparams", UserWarning)
+        yield
+
+
+@contextlib.contextmanager
 def quantized_engine(name):
     """Set ``torch.backends.quantized.engine`` to ``name`` ("qnnpack", "fbgemm", "x86") inside the block only."""
     before = torch.backends.quantized.engine
@@ -158,7 +170,8 @@ def prepare_qat(float_model):
     model.fuse_model(is_qat=True)
     model.qconfig = torch.ao.quantization.get_default_qat_qconfig("qnnpack")
     model.train()
-    torch.ao.quantization.prepare_qat(model, inplace=True)
+    with quiet_quantization():
+        torch.ao.quantization.prepare_qat(model, inplace=True)
     return model
 
 
@@ -187,7 +200,7 @@ def end_of_training(qat_model, seed=0, step=0.02):
 
 def convert(qat_model, engine="qnnpack"):
     """``torch.ao.quantization.convert`` of a copy of ``qat_model`` (in eval mode) under ``engine``."""
-    with quantized_engine(engine):
+    with quantized_engine(engine), quiet_quantization():
         model = copy.deepcopy(qat_model).eval()
         return torch.ao.quantization.convert(model, inplace=False)
 
