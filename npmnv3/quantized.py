@@ -138,6 +138,22 @@ def optional_keys(specs):
     return frozenset(key for key, _, _ in specs if ".scale_activation." in key)
 
 
+def float_state_dict(params, features, classifier):
+    """The float network's state dict inside a QAT one: torchvision's ``mobilenet_v3_large`` keys
+    (``name.1.*`` for a BatchNorm, no observers), for ``npmnv3.mobilenet_v3_large``. QAT trains these
+    float weights; the int8 network is their quantized version."""
+    out = {}
+    for key, _, kind in (p for layer in features + classifier for p in layer.parameters()):
+        if kind == "counter":
+            continue
+        qat_key = key
+        for conv in (c for layer in features for c in (layer.layers if isinstance(layer, Block) else [layer])):
+            if isinstance(conv, Conv) and key.startswith(conv.name + "."):
+                qat_key = key.replace(f"{conv.name}.1.", f"{conv.name}.0.bn.", 1)
+        out[key] = np.array(params[qat_key])
+    return out
+
+
 # --------------------------------------------------------------------------- convert
 
 class QParams(NamedTuple):
