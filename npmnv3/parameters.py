@@ -23,7 +23,7 @@ def _is_counter(key):
     return key.endswith("num_batches_tracked")
 
 
-OBSERVER_START = {"min": np.inf, "max": -np.inf, "eps": float(np.finfo(np.float32).eps)}
+OBSERVER_START = {"min": np.inf, "max": -np.inf, "eps": float(np.finfo(np.float32).eps), "gate_scale": 1 / 256}
 
 
 def random_value(shape, kind, rng, conv_std=None):
@@ -32,7 +32,8 @@ def random_value(shape, kind, rng, conv_std=None):
     conv: Kaiming normal in fan-out mode, std = sqrt(2 / (out_channels * kh * kw)) (or ``conv_std``);
     linear: N(0, 0.01); BatchNorm weight and running variance ("var"): ones; biases and running
     means ("mean"): zeros. A fake-quant observer's buffers (the int8 network) start as PyTorch's:
-    "min" +inf and "max" -inf (nothing observed yet), "eps" float32's machine epsilon.
+    "min" +inf and "max" -inf (nothing observed yet), "eps" float32's machine epsilon, "gate_scale" 1/256
+    (the hard-sigmoid's fixed output scale).
     """
     if kind == "conv":
         std = np.sqrt(2.0 / (shape[0] * shape[2] * shape[3])) if conv_std is None else conv_std
