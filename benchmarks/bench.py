@@ -14,6 +14,11 @@ Weights: random, made by ``torchref`` with non-trivial BatchNorm statistics (as 
 has), written to an ``.npz`` for npmnv3 (whose process never imports torch) and a ``.pth`` for
 torch. ``--npmnv3 DIR`` times the npmnv3 found in another checkout instead (before / after
 comparisons). Results are recorded in ``benchmarks/README.md``.
+
+The int8 cases (``int8_1``, ``int8_32``) time npmnv3's quantized MobileNetV3-Large against torch's quantized
+model under the QNNPACK engine (the same QAT state dict, made by ``torchref.quantized_model``) and against
+npmnv3's own float model on that state dict's float weights ("npmnv3-float"); npmnv3's int8 output must
+equal torch's before anything is timed.
 """
 
 import argparse
@@ -36,7 +41,10 @@ CASES = {
     "small32": ("mobilenet_v3_small", 32, 224),
     "lraspp1": ("lraspp_mobilenet_v3_large", 1, 520),
     "deeplabv3_1": ("deeplabv3_mobilenet_v3_large", 1, 520),
+    "int8_1": ("quantized_mobilenet_v3_large", 1, 224),
+    "int8_32": ("quantized_mobilenet_v3_large", 32, 224),
 }
+QUANTIZED = "quantized_mobilenet_v3_large"
 SEGMENTERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
 TOLERANCE = 1e-4        # max |diff| / max(1, max |torchvision|) before anything is timed
 
@@ -57,6 +65,8 @@ def make_weights(arch, folder):
     import numpy as np
     import torch
     import torchref
+    if arch == QUANTIZED:
+        return make_quantized_weights(folder)
     if arch in SEGMENTERS:
         model = torchref.random_segmentation_model(arch, seed=0, **({"aux_loss": True} if arch.startswith("deeplab")
                                                                      else {}))
@@ -66,6 +76,32 @@ def make_weights(arch, folder):
     torch.save(model.state_dict(), pth)
     np.savez(npz, **torchref.numpy_state_dict(model))
     return pth, npz
+
+
+def make_quantized_weights(folder):
+    """A QAT state dict (random weights, observers calibrated) as .pth and .npz, and its float weights as
+    ``quantized_mobilenet_v3_large-float.npz`` for npmnv3's float model."""
+    import numpy as np
+    import torch
+    import torchref
+    from npmnv3.quantized import QuantizedMobileNetV3, float_state_dict
+    qat, _ = torchref.quantized_model(seed=0)
+    pth, npz = os.path.join(folder, f"{QUANTIZED}.pth"), os.path.join(folder, f"{QUANTIZED}.npz")
+    torch.save(qat.state_dict(), pth)
+    state = torchref.numpy_state_dict(qat)
+    np.savez(npz, **state)
+    layout = QuantizedMobileNetV3()
+    np.savez(os.path.join(folder, f"{QUANTIZED}-float.npz"), **float_state_dict(state, layout.features, layout.classifier))
+    return pth, npz
+
+
+def torch_quantized(folder):
+    """torch's int8 MobileNetV3-Large from the QAT state dict, converted under QNNPACK."""
+    import torch
+    import torchref
+    qat = torchref.prepare_qat(torchref.random_quantizable_model(seed=1)).eval()
+    qat.load_state_dict(torch.load(os.path.join(folder, f"{QUANTIZED}.pth")))
+    return torchref.convert(qat, "qnnpack")
 
 
 def example_input(batch, size):
@@ -83,6 +119,19 @@ def example_input(batch, size):
 def build(system, arch, folder, batch, size):
     """A callable running one forward pass of ``system`` on the case's input."""
     x = example_input(batch, size)
+    if system == "npmnv3-float":
+        import npmnv3
+        model = npmnv3.mobilenet_v3_large(weights=os.path.join(folder, f"{arch}-float.npz"))
+        return (lambda: model(x)), model
+    if system == "torch" and arch == QUANTIZED:
+        import torch
+        import torchref
+        model, xt = torch_quantized(folder), torch.from_numpy(x)
+
+        def forward():
+            with torchref.quantized_engine("qnnpack"), torch.inference_mode():
+                return model(xt).numpy()
+        return forward, model
     if system == "npmnv3":
         import npmnv3
         model = getattr(npmnv3, arch)(weights=os.path.join(folder, f"{arch}.npz"))
@@ -222,19 +271,22 @@ def main(argv=None):
                 if subprocess.run([sys.executable, "-c", code], capture_output=True).returncode != 0:
                     print("(ONNX Runtime left out: the export failed)", file=sys.stderr)
                     systems.remove("ort")
+        int8_rows = []
         for case in cases:
-            medians = {s: [] for s in systems}
+            quantized = CASES[case][0] == QUANTIZED
+            case_systems = ["npmnv3", "torch", "npmnv3-float"] if quantized else systems
+            medians = {s: [] for s in case_systems}
             for r in range(args.rounds):
-                for system in systems:
+                for system in case_systems:
                     medians[system].append(run_worker(system, case, folder, args, args.npmnv3)["median"])
                 if r == 0:      # every system's output on the case's input, against torchvision's
                     ref = np.load(os.path.join(folder, f"out-torch-{case}.npy"))
-                    for system in systems:
+                    for system in (s for s in case_systems if s != "npmnv3-float"):
                         err = rel_err(np.load(os.path.join(folder, f"out-{system}-{case}.npy")), ref)
                         if err > TOLERANCE:
                             raise SystemExit(f"{case}: {system} disagrees with torchvision ({err:.1e})")
             ratio = statistics.median(medians["npmnv3"]) / statistics.median(medians["torch"])
-            rows.append((case, medians, ratio))
+            (int8_rows if quantized else rows).append((case, medians, ratio))
             print(f"  {case}: npmnv3 / torch {ratio:.2f}", file=sys.stderr)
         builds = None
         if not args.no_build and any(CASES[c][0] == "mobilenet_v3_large" for c in cases):
@@ -247,6 +299,13 @@ def main(argv=None):
         if "ort" in systems:
             line += f" {fmt(medians['ort'])} |"
         print(line)
+    if int8_rows:
+        print("\n| case | npmnv3 int8 ms/img | torch int8 (qnnpack) ms/img | npmnv3 float ms/img | int8 / torch | "
+              "int8 / float |\n|---|---|---|---|---|---|")
+        for case, medians, ratio in int8_rows:
+            to_float = statistics.median(medians["npmnv3"]) / statistics.median(medians["npmnv3-float"])
+            print(f"| {case} | {fmt(medians['npmnv3'])} | {fmt(medians['torch'])} | {fmt(medians['npmnv3-float'])} | "
+                  f"{ratio:.2f} | {to_float:.2f} |")
     if builds:
         print(f"\nbuild Large from .npz: median {statistics.median(b['build'] for b in builds):.0f} ms; "
               f"with its first forward (plans made) at 224: {statistics.median(b['first'] for b in builds):.0f} ms")

@@ -2,17 +2,19 @@
 
     model = npmnv3.mobilenet_v3_large(weights="DEFAULT")   # official ImageNet weights, no torch
     npmnv3.predict("photo.jpg")                            # top-5 labels and probabilities
+    npmnv3.quantized_mobilenet_v3_large(weights="DEFAULT") # torchvision's int8 network, in integers
 """
 
 from .errors import DownloadError, ImageError, StateDictError, WeightsFormatError
 from .images import load_image, preprocess
 from .model import MobileNetV3
+from .quantized import QuantizedMobileNetV3
 from .predict import evaluate, predict
 from .serialization import load_state_dict, save_state_dict
 from .summary import summary
 from .segment import segment
 from .segmentation import LRASPP, DeepLabV3
-from .weights import OFFICIAL as OFFICIAL_WEIGHTS, build, build_segmenter, get_weights
+from .weights import OFFICIAL as OFFICIAL_WEIGHTS, build, build_quantized, build_segmenter, get_weights
 
 __version__ = "0.1.0"
 
@@ -70,3 +72,18 @@ def deeplabv3_mobilenet_v3_large(weights=None, *, num_classes=None, aux_loss=Non
     """
     return build_segmenter("deeplabv3_mobilenet_v3_large", weights, num_classes=num_classes, aux_loss=aux_loss,
                            dtype=dtype, seed=seed, threads=threads, offline=offline, progress=progress)
+
+
+def quantized_mobilenet_v3_large(weights=None, *, num_classes=None, seed=0, threads=None, offline=None,
+                                 progress=None):
+    """torchvision's quantized MobileNetV3-Large (``quantization.mobilenet_v3_large(quantize=True)``), run in
+    integers as PyTorch's QNNPACK kernels run it (see ``npmnv3.quantized``).
+
+    weights: None (random float weights and untouched observers, as torchvision's builder gives without
+    weights: every activation at scale 1, good for shapes and timing only), "DEFAULT" (=
+    "IMAGENET1K_QNNPACK_V1"), or a path to a QAT state dict (a ``.pth`` saved from a model prepared as
+    torchvision prepares it, or an npmnv3 ``.npz``). ``model(x)`` takes float images and returns float logits.
+    Other arguments as for ``mobilenet_v3_large``.
+    """
+    return build_quantized(weights, num_classes=num_classes, seed=seed, threads=threads, offline=offline,
+                           progress=progress)

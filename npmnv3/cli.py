@@ -54,8 +54,11 @@ def _add_model_arguments(p, recipe_options=True):
     p.add_argument("--arch", choices=ARCH_CHOICES,
                    help="network (default: the one the --weights file holds, else mobilenet_v3_large)")
     p.add_argument("--weights", default="DEFAULT", metavar="NAME|PATH",
-                   help="DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2 (Large only), or a .pth / .npz file")
+                   help="DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2 (Large only), or a .pth / .npz file; with "
+                        "--quantized: DEFAULT (IMAGENET1K_QNNPACK_V1) or a QAT state dict")
     p.add_argument("--offline", action="store_true", help="never use the network (as NPMNV3_OFFLINE=1)")
+    p.add_argument("--quantized", action="store_true",
+                   help="run torchvision's int8 MobileNetV3-Large in integers (Large only)")
     if recipe_options:
         p.add_argument("--resize", type=positive_int, metavar="N",
                        help="resize the short side to N (default: the weights' recipe, e.g. 232 or 256)")
@@ -105,6 +108,8 @@ def build_parser():
     p.add_argument("--arch", choices=ARCH_CHOICES + SEGMENTERS, default=DEFAULT_ARCH,
                    help="network (default mobilenet_v3_large)")
     p.add_argument("--size", type=positive_int, default=224, metavar="N", help="input height and width (default 224)")
+    p.add_argument("--quantized", action="store_true",
+                   help="the int8 MobileNetV3-Large, with each layer's weight bytes in int8 and in float32")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run_summary)
 
@@ -127,8 +132,20 @@ def _offline(args):
     return "--offline" if args.offline else None
 
 
+def load_quantized_model(args):
+    """The int8 network for --quantized (--arch, if given, must be mobilenet_v3_large)."""
+    if args.arch not in (None, DEFAULT_ARCH):
+        raise CommandError(f"--quantized: torchvision's quantized network is {DEFAULT_ARCH}; drop --arch {args.arch}")
+    try:
+        return W.build_quantized(args.weights, offline=_offline(args))
+    except StateDictError as exc:
+        raise CommandError(f"--weights {args.weights}: {exc.summary}") from exc
+
+
 def load_model(args):
     """The network for --arch / --weights: a file's own architecture unless --arch says otherwise."""
+    if args.quantized:
+        return load_quantized_model(args)
     weights = args.weights
     if not W.is_official_name(args.arch or DEFAULT_ARCH, weights) and (
             os.path.exists(weights) or "." in os.path.basename(weights) or os.sep in weights):
@@ -256,10 +273,13 @@ def run_segment(args):
 
 
 def run_summary(args):
-    model = getattr(npmnv3, args.arch)()
+    if args.quantized and args.arch != DEFAULT_ARCH:
+        raise CommandError(f"--quantized: torchvision's quantized network is {DEFAULT_ARCH}, not {args.arch}")
+    arch = "quantized_mobilenet_v3_large" if args.quantized else args.arch
+    model = getattr(npmnv3, arch)()
     result = npmnv3.summary(model, input_size=args.size, print_table=not args.json)
     if args.json:
-        print(json.dumps(dict(arch=args.arch, input_size=args.size, **result), indent=2))
+        print(json.dumps(dict(arch=arch, input_size=args.size, **result), indent=2))
     return 0
 
 

@@ -10,9 +10,12 @@ and a checker::
     hard_swish(x)                                                      check_hard_swish(fn)
     squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)      check_squeeze_excite(fn)
     bneck(x, block, params)                                            check_bneck(fn)
+    requantize(acc, multiplier, zero_point, relu=False)                check_requantize(fn)
 
 ``bneck`` takes a ``config.Block`` record and a dict of its weights by state_dict key, as
-``npmnv3.model.bneck`` does.
+``npmnv3.model.bneck`` does. ``requantize`` is the step of the int8 network (``npmnv3.quantized``)
+that turns a layer's int32 sums into the next layer's uint8 values; its outputs are integers and
+must equal ``npmnv3.qkernels.requantize``'s exactly.
 
 Write a function with the same signature (in a notebook, see ``notebooks/07_exercises.ipynb``, or
 in a file of your own) and pass the function itself to the checker::
@@ -68,17 +71,18 @@ import numpy as np
 
 from . import kernels as K
 from . import model as M
+from . import qkernels as QK
 from .config import Bneck, bneck_block
 
 __all__ = [
     "CheckResult", "TOLERANCE",
     "conv2d", "depthwise_conv2d", "batch_norm", "hard_swish", "squeeze_excite", "bneck",
     "check_conv2d", "check_depthwise_conv2d", "check_batch_norm", "check_hard_swish",
-    "check_squeeze_excite", "check_bneck",
+    "check_squeeze_excite", "check_bneck", "requantize", "check_requantize",
 ]
 
 #: Relative tolerance by dtype: a value passes when |got - expected| <= tol * max(1, max|expected|).
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "uint8": 0}    # integers: exactly
 
 
 # =========================================================================== stubs for the student
@@ -337,6 +341,33 @@ class CheckResult:
         return f"CheckResult({self.kernel!r}: {verdict} of {self.n_cases}{extra})"
 
 
+def requantize(acc, multiplier, zero_point, relu=False):
+    """Requantization: a quantized layer's int32 accumulators to the next tensor's uint8 values.
+
+    Parameters
+    ----------
+    acc : ndarray of any shape, int64 (int32 values)
+        The sums ``bias_q + sum (x_q - x_zp) * w_q`` of a convolution or linear layer.
+    multiplier : numpy.float32
+        M = (s_w * s_x) / s_y: the accumulator's unit (s_w * s_x) in units of the output scale s_y.
+    zero_point : int
+        The output's zero point (the integer that stands for 0.0).
+    relu : bool
+        The layer's ReLU, fused: clamp below at the zero point instead of at 0.
+
+    Returns
+    -------
+    y : ndarray of the shape of ``acc``, uint8
+        ::
+
+            y = clamp(rint(float32(acc) * M) + zero_point, lo, 255),   lo = zero_point if relu else 0
+
+    ``rint`` rounds halves to the even neighbour (np.rint), as PyTorch's kernels do; the product is
+    taken in float32 (``acc.astype(np.float32) * multiplier``), as theirs is.
+    """
+    raise NotImplementedError("exercise: write this function -- clamp(rint(float32(acc) * M) + zero_point, lo, 255)")
+
+
 # =========================================================================== the checking engine
 
 @dataclasses.dataclass
@@ -348,6 +379,9 @@ class _Case:
     expected: np.ndarray  # the reference's output, computed in float64 from the same inputs
     dtype: np.dtype
     details: tuple = ()  # lines describing the case further, shown under the call in every failure
+    dtype_reason: str = "the dtype of x"     # why the output has ``dtype``, for a wrong-dtype report
+    dtype_hint: str = ("Kernels keep the dtype of their input: create arrays with dtype=x.dtype (np.zeros(shape) "
+                       "is float64) or return y.astype(x.dtype).")
 
     def arg(self, name):
         return dict(self.args)[name]
@@ -517,9 +551,8 @@ def _run_case(kernel, student_fn, fn_name, case, number, n_cases, shape_hint, ex
     if got.dtype != case.dtype:
         return _failure(kernel, fn_name, case, number, n_cases, [
             f"output shape: {got.shape}, as expected",
-            f"output dtype: expected {case.dtype.name} (the dtype of x), got {got.dtype.name} -- wrong dtype",
-            f"Kernels keep the dtype of their input: create arrays with dtype=x.dtype (np.zeros(shape) "
-            f"is float64) or return y.astype(x.dtype).",
+            f"output dtype: expected {case.dtype.name} ({case.dtype_reason}), got {got.dtype.name} -- wrong dtype",
+            case.dtype_hint,
         ])
 
     error = np.abs(got.astype(np.float64) - expected)
@@ -1193,3 +1226,97 @@ def check_bneck(student_fn, *, seed=0, verbose=True):
     """
     return _check("bneck", student_fn, _bneck_cases(seed), verbose, _bneck_shape_hint, _explain_bneck,
                   _explain_bneck_error)
+
+
+# =========================================================================== requantization
+
+# multiplier, zero_point, relu, note; the accumulators of each case are drawn around what it is about
+_REQUANTIZE_CASES = [
+    (0.0123, 128, False, "typical values: a multiplier of about 1/80, zero point in the middle"),
+    (0.5, 10, False, "halves: acc * M = k + 1/2 exactly, rounded to the even k"),
+    (0.25, 3, False, "outputs below 0 and above 255 are clamped"),
+    (0.0078125, 100, True, "fused ReLU: clamped at the zero point, not at 0"),
+    (1.5e-6, 120, False, "sums beyond 2**24: float32(acc) and the float32 product decide near-halves"),
+    (0.031213872, 0, True, "a depthwise layer's multiplier, zero point 0 with ReLU"),
+]
+
+
+def _requantize_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for multiplier, zero_point, relu, note in _REQUANTIZE_CASES:
+        if "2**24" in note:
+            acc = _float32_sensitive(rng, np.float32(multiplier), (1, 6, 3, 5))
+        elif "halves" in note:
+            acc = 2 * rng.integers(-300, 300, (3, 4, 5, 2)) + 1                       # odd: acc / 2 = k + 1/2
+        elif "clamped" in note:
+            acc = rng.integers(-2000, 2000, (2, 3, 4, 5))
+        else:
+            acc = rng.integers(-20000, 20000, (1, 5, 3, 7))
+        acc = acc.astype(np.int64)
+        m = np.float32(multiplier)
+        kwargs = {"multiplier": m, "zero_point": zero_point, "relu": relu}
+        expected = QK.requantize(acc, m, zero_point, relu)
+        cases.append(_Case(note, [("acc", acc)], kwargs, {"multiplier": float(m), "zero_point": zero_point,
+                                                          "relu": relu, "dtype": "uint8"},
+                           expected, np.dtype(np.uint8), dtype_reason="quantized activations are uint8",
+                           dtype_hint="Return the clamped integers as uint8: y.astype(np.uint8)."))
+    return cases
+
+
+def _float32_sensitive(rng, multiplier, shape):
+    """Accumulators beyond 2**25 giving outputs in range, half of them right beside a half step
+    ((k + 1/2) / M), where float32 arithmetic (float32(acc) * M) rounds to another integer than the
+    exact product acc * M does."""
+    size = int(np.prod(shape))
+    k = rng.integers(50, 100, size)
+    near = (np.round((k + 0.5) / np.float64(multiplier)).astype(np.int64)[:, None] + np.arange(-64, 65)).ravel()
+    differ = near[np.rint(near.astype(np.float32) * multiplier) != np.rint(near * np.float64(multiplier))]
+    plain = rng.integers(int(50 / multiplier), int(100 / multiplier), size)
+    picked = np.concatenate([rng.permutation(differ)[:size // 2], plain])[:size]
+    return (rng.permutation(picked) * rng.choice([-1, 1], size)).reshape(shape)
+
+
+def _explain_requantize(case, where, got):
+    acc = case.arg("acc")[where]
+    m, zero_point, relu = case.kwargs["multiplier"], case.kwargs["zero_point"], case.kwargs["relu"]
+    scaled = np.float32(np.float32(acc) * m)
+    value = int(got[where])
+    lines = [f"there acc = {int(acc)}, float32(acc) * M = {float(scaled)!r}, zero point {zero_point}"]
+    in_float64 = int(np.clip(np.rint(int(acc) * np.float64(m)) + zero_point, zero_point if relu else 0, 255))
+    if relu and value < zero_point:
+        lines.append("likely cause: ReLU clamped at 0 (or left out); its real 0 is the zero point, "
+                     f"so the output never goes below {zero_point}")
+    elif value == in_float64:
+        lines.append("likely cause: the product taken in float64; PyTorch multiplies in float32 "
+                     "(acc.astype(np.float32) * multiplier), and that decides values this close to a half")
+    elif scaled % 1 == 0.5:
+        lines.append("likely cause: a half rounded up or away from zero; np.rint rounds halves to the even "
+                     "integer, as PyTorch does")
+    return lines
+
+
+def check_requantize(student_fn, *, seed=0, verbose=True):
+    """Check a student's :func:`requantize` against ``npmnv3.qkernels.requantize``: every output integer equal.
+
+    Parameters
+    ----------
+    student_fn : callable
+        ``student_fn(acc, multiplier=..., zero_point=..., relu=...) -> y``, as :func:`requantize`.
+    seed : int
+        Seed of the random accumulators (the 6 cases and their parameters do not change).
+    verbose : bool
+        Print the verdict.
+
+    Returns
+    -------
+    result : CheckResult
+        Truthy when all cases pass; otherwise describes the first failing case.
+
+    Notes
+    -----
+    Cases: typical layer values; exact halves (rounding half to even); clamping at 0 and 255; a fused
+    ReLU with a non-zero zero point; accumulators beyond 2**24 (float32 rounds them before the product);
+    a depthwise layer's multiplier. A uint8 output is required (quantized activations are uint8).
+    """
+    return _check("requantize", student_fn, _requantize_cases(seed), verbose, explain=_explain_requantize)

@@ -1,5 +1,10 @@
 """Fetch official weight files into a local cache, verified by size and SHA-256.
 
+A file whose full SHA-256 is not on record (torchvision's quantized weights) is checked as torch
+hub checks every file: its SHA-256 must begin with the hex digits after a ``-`` of its name
+(``mobilenet_v3_large_qnnpack-5bcacf28.pth``: ``5bcacf28...``; the first such group), and its size is not pinned (a
+download must still have the length its server announces). Pass ``sha256=None, size=None`` for that.
+
 Only the standard library is used (``urllib``). The one public entry point is
 :func:`fetch`; :func:`cache_dir` and :func:`torch_hub_dir` tell where files live.
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import re
 import http.client
 import os
 import socket
@@ -56,6 +62,8 @@ _CHUNK = 1 << 16          # bytes read from the network at a time
 _HASH_BLOCK = 1 << 20     # bytes read from disk at a time when hashing
 _STALE_TEMP_AGE = 24 * 3600  # seconds after which a leftover *.part file is removed
 _SCHEMES = ("http", "https", "file")
+_HASH_PREFIX = re.compile(r"-([a-f0-9]{8,64})\.")  # torch hub's rule: the hex digits after a "-", before a "."
+_MAX_UNPINNED = 1 << 30   # bytes accepted from a server for a file whose size is not pinned
 
 ProgressArg = Union[None, bool, Callable[[int, int], None]]
 
@@ -102,10 +110,17 @@ class _Target(NamedTuple):
     """What is being fetched and where it must end up."""
 
     filename: str
-    sha256: str
-    size: int
+    sha256: str             # the full digest, or the prefix the file name carries
+    size: Optional[int]     # None: not pinned
     url: str
     path: Path
+
+    @property
+    def described(self) -> str:
+        """What the file must be, for messages."""
+        if len(self.sha256) == 64:
+            return f"{self.size:,} bytes, SHA-256 {self.sha256}"
+        return f"SHA-256 beginning with {self.sha256}"
 
 
 def _error(target: _Target, reason: str) -> DownloadError:
@@ -114,7 +129,7 @@ def _error(target: _Target, reason: str) -> DownloadError:
         f"cannot fetch {target.filename} from {target.url}: {reason}. "
         f"The file was expected at {target.path}. To place it there by hand, "
         f"download {target.url} with a browser and save it as {target.path} "
-        f"({target.size:,} bytes, SHA-256 {target.sha256}), "
+        f"({target.described}), "
         f"or set NPMNV3_HOME to a folder that already holds it, "
         f"or pass the file's path (weights=PATH; on the command line --weights PATH)."
     )
@@ -140,11 +155,23 @@ def _describe(exc: BaseException, timeout: float) -> str:
 
 # --------------------------------------------------------------------------- checks
 
-def _check_args(filename: str, sha256: str, size: int) -> str:
-    """Validate the arguments of :func:`fetch`; return the SHA-256 in lower case."""
+def hash_prefix(filename: str) -> Optional[str]:
+    """The SHA-256 prefix a file name carries as torch hub reads it (``name-5bcacf28.pth``), or None."""
+    found = _HASH_PREFIX.search(filename)
+    return found.group(1) if found else None
+
+
+def _check_args(filename: str, sha256: Optional[str], size: Optional[int]) -> str:
+    """Validate the arguments of :func:`fetch`; return the SHA-256 (or the name's prefix) in lower case."""
     if (not isinstance(filename, str) or not filename or filename in (".", "..")
             or "/" in filename or "\\" in filename or "\0" in filename):
         raise ValueError(f"filename must be a plain file name, got {filename!r}")
+    if sha256 is None and size is None:
+        prefix = hash_prefix(filename)
+        if prefix is None:
+            raise ValueError(f"without sha256, the file name must carry a SHA-256 prefix "
+                             f"(name-<8 or more hex digits>.ext), got {filename!r}")
+        return prefix
     digest = sha256.lower() if isinstance(sha256, str) else ""
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
@@ -162,8 +189,17 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
-def _mismatch(path: Path, sha256: str, size: int) -> Optional[str]:
-    """None when ``path`` is a regular file of ``size`` bytes with digest ``sha256``.
+def _digest_mismatch(actual: str, sha256: str) -> Optional[str]:
+    """None when ``actual`` is ``sha256`` (64 hex digits) or begins with it (a name's prefix); else
+    what was expected instead, for messages."""
+    if actual == sha256 or (len(sha256) < 64 and actual.startswith(sha256)):
+        return None
+    return sha256 if len(sha256) == 64 else f"one beginning with {sha256}"
+
+
+def _mismatch(path: Path, sha256: str, size: Optional[int]) -> Optional[str]:
+    """None when ``path`` is a regular file of ``size`` bytes (any, when None) with digest ``sha256``
+    (or one beginning with it, for a name's prefix).
 
     Otherwise a short reason why it is not usable. The size is checked first so a
     wrong file is rejected without hashing it.
@@ -172,17 +208,16 @@ def _mismatch(path: Path, sha256: str, size: int) -> Optional[str]:
         if not path.is_file():
             return "it is not a regular file"
         actual_size = path.stat().st_size
-        if actual_size != size:
+        if size is not None and actual_size != size:
             return f"it has {actual_size:,} bytes instead of {size:,}"
         actual = sha256_of(path)
     except OSError as exc:
         return f"it cannot be read ({exc})"
-    if actual != sha256:
-        return f"its SHA-256 is {actual} instead of {sha256}"
-    return None
+    expected = _digest_mismatch(actual, sha256)
+    return None if expected is None else f"its SHA-256 is {actual} instead of {expected}"
 
 
-def _is_verified(path: Path, sha256: str, size: int) -> bool:
+def _is_verified(path: Path, sha256: str, size: Optional[int]) -> bool:
     """True when ``path`` exists and matches; False when it is absent or wrong."""
     return os.path.lexists(path) and _mismatch(path, sha256, size) is None
 
@@ -205,7 +240,7 @@ def _resolve_url(base_url: Optional[str], filename: str) -> str:
     base = base_url or _env("NPMNV3_WEIGHTS_URL") or DEFAULT_BASE_URL
     if not base.endswith("/"):
         base += "/"
-    return base + urllib.parse.quote(filename)
+    return base + urllib.parse.quote(filename)  # (a subfolder's "/" is kept: quote leaves it)
 
 
 def _network_forbidden(offline: Union[None, bool, str]) -> Optional[str]:
@@ -252,8 +287,9 @@ def _make_reporter(progress: ProgressArg, filename: str):
     return _TerminalBar(filename) if progress else None
 
 
-def _check_response(response, target: _Target) -> None:
-    """Refuse a response whose status or announced length is wrong."""
+def _check_response(response, target: _Target) -> Optional[int]:
+    """Refuse a response whose status or announced length is wrong; return the length to expect
+    (the pinned size, else the announced one, else None)."""
     status = getattr(response, "status", None)
     if status is not None and status != 200:
         raise _error(target, f"the server answered HTTP {status} instead of 200")
@@ -264,31 +300,35 @@ def _check_response(response, target: _Target) -> None:
         except ValueError:
             raise _error(target, f"the server sent an invalid Content-Length "
                                  f"{announced!r}") from None
-        if length != target.size:
+        if target.size is not None and length != target.size:
             raise _error(target, f"the server announced {length:,} bytes "
                                  f"but {target.size:,} were expected")
+        return length
+    return target.size
 
 
-def _stream(response, out, target: _Target, report) -> str:
+def _stream(response, out, target: _Target, report, expected: Optional[int]) -> str:
     """Copy ``response`` into the file ``out``, hashing and counting; return the digest.
 
-    Raises DownloadError when the body is shorter or longer than expected (an early
-    close makes ``read`` return b'' without raising, so counting is what detects it).
+    Raises DownloadError when the body is shorter or longer than ``expected`` bytes (an early
+    close makes ``read`` return b'' without raising, so counting is what detects it). With
+    nothing to expect (size not pinned, no Content-Length) only ``_MAX_UNPINNED`` bytes are taken.
     """
     digest = hashlib.sha256()
     done = 0
+    limit = _MAX_UNPINNED if expected is None else expected
     while chunk := response.read(_CHUNK):
         done += len(chunk)
-        if done > target.size:
+        if done > limit:
             raise _error(target, f"the server sent more than the expected "
-                                 f"{target.size:,} bytes")
+                                 f"{limit:,} bytes")
         digest.update(chunk)
         out.write(chunk)
         if report:
-            report(done, target.size)
-    if done != target.size:
+            report(done, expected or 0)
+    if expected is not None and done != expected:
         raise _error(target, f"the connection closed after {done:,} of "
-                             f"{target.size:,} bytes (truncated download)")
+                             f"{expected:,} bytes (truncated download)")
     return digest.hexdigest()
 
 
@@ -296,13 +336,14 @@ def _download_into(out, target: _Target, timeout: float, report) -> None:
     """Download ``target.url`` into the open file ``out`` and verify it."""
     request = urllib.request.Request(target.url, headers={"User-Agent": "npmnv3"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        _check_response(response, target)
-        actual = _stream(response, out, target, report)
+        expected = _check_response(response, target)
+        actual = _stream(response, out, target, report, expected)
         final_url = response.geturl()
-    if actual != target.sha256:
+    expected = _digest_mismatch(actual, target.sha256)
+    if expected is not None:
         where = "" if final_url == target.url else f" (redirected to {final_url})"
         raise _error(target, f"the downloaded file{where} has SHA-256 {actual} instead "
-                             f"of {target.sha256}; it is not the expected file and the "
+                             f"of {expected}; it is not the expected file and the "
                              f"download was not retried")
     out.flush()
     os.fsync(out.fileno())
@@ -363,8 +404,9 @@ def _remove_quietly(path: str) -> None:
 
 # --------------------------------------------------------------------------- public
 
-def fetch(filename: str, sha256: str, size: int, *,
+def fetch(filename: str, sha256: Optional[str], size: Optional[int], *,
           base_url: Optional[str] = None,
+          subfolder: str = "",
           directory: Union[str, os.PathLike, None] = None,
           offline: Union[None, bool, str] = None,
           progress: ProgressArg = None,
@@ -375,13 +417,14 @@ def fetch(filename: str, sha256: str, size: int, *,
     ----------
     filename : str
         Plain file name, e.g. ``"mobilenet_v3_large-5c1a4163.pth"``.
-    sha256 : str
-        The full expected SHA-256 (64 hex digits).
-    size : int
-        The expected size in bytes.
+    sha256 : str or None
+        The full expected SHA-256 (64 hex digits); None (with ``size`` None): the file's SHA-256
+        must begin with the hex digits its name carries after its last ``-``, as torch hub checks.
+    size : int or None
+        The expected size in bytes; None: not pinned.
     base_url : str, optional
         Where to download from; default ``$NPMNV3_WEIGHTS_URL``, else :data:`DEFAULT_BASE_URL`.
-        The file name is appended.
+        ``subfolder`` (e.g. ``"quantized/"``) and the file name are appended.
     directory : path, optional
         Cache folder to use instead of :func:`cache_dir`.
     offline : bool, str or None
@@ -409,8 +452,10 @@ def fetch(filename: str, sha256: str, size: int, *,
         The arguments are malformed.
     """
     sha256 = _check_args(filename, sha256, size)
+    if not re.fullmatch(r"([A-Za-z0-9_.-]+/)*", subfolder) or ".." in subfolder.split("/"):
+        raise ValueError(f"subfolder must be empty or a relative folder ending in '/', got {subfolder!r}")
     folder = Path(directory).expanduser() if directory is not None else cache_dir()
-    target = _Target(filename, sha256, size, _resolve_url(base_url, filename),
+    target = _Target(filename, sha256, size, _resolve_url(base_url, subfolder + filename),
                      folder / filename)
 
     removed = ""

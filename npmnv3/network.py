@@ -56,10 +56,11 @@ class Network:
     arch = ""
     options = {}
 
-    def __init__(self, layers, *, dtype=np.float32, seed=0, threads=None, conv_std=None):
+    def __init__(self, layers, *, dtype=np.float32, seed=0, threads=None, conv_std=None, optional=frozenset()):
         self.dtype = check_dtype(dtype)
         self.threads = check_threads(threads)
-        self.params = Parameters(parameter_list(layers), self.dtype, seed, owner=repr(self), conv_std=conv_std)
+        self.params = Parameters(parameter_list(layers), self.dtype, seed, owner=repr(self), conv_std=conv_std,
+                                 optional=optional)
         self.meta = {}
         self._engine = None
 

@@ -23,18 +23,25 @@ def _is_counter(key):
     return key.endswith("num_batches_tracked")
 
 
+OBSERVER_START = {"min": np.inf, "max": -np.inf, "eps": float(np.finfo(np.float32).eps), "gate_scale": 1 / 256}
+
+
 def random_value(shape, kind, rng, conv_std=None):
     """One parameter initialised as torchvision initialises MobileNetV3 (float64).
 
     conv: Kaiming normal in fan-out mode, std = sqrt(2 / (out_channels * kh * kw)) (or ``conv_std``);
     linear: N(0, 0.01); BatchNorm weight and running variance ("var"): ones; biases and running
-    means ("mean"): zeros.
+    means ("mean"): zeros. A fake-quant observer's buffers (the int8 network) start as PyTorch's:
+    "min" +inf and "max" -inf (nothing observed yet), "eps" float32's machine epsilon, "gate_scale" 1/256
+    (the hard-sigmoid's fixed output scale).
     """
     if kind == "conv":
         std = np.sqrt(2.0 / (shape[0] * shape[2] * shape[3])) if conv_std is None else conv_std
         return rng.normal(0.0, std, shape)
     if kind == "linear":
         return rng.normal(0.0, 0.01, shape)
+    if kind in OBSERVER_START:
+        return np.full(shape, OBSERVER_START[kind])
     return np.ones(shape) if kind in ("ones", "var") else np.zeros(shape)
 
 
@@ -53,11 +60,14 @@ class Parameters(Mapping):
         How error messages name the network, e.g. ``"MobileNetV3('mobilenet_v3_small', ...)"``.
     conv_std : float or None
         Standard deviation of conv weights instead of Kaiming's (SSDLite initialises with 0.03).
+    optional : set of str
+        Keys that a state dict may leave out (they keep their value); BN counters always may.
     """
 
-    def __init__(self, specs, dtype, seed=0, owner="the model", conv_std=None):
+    def __init__(self, specs, dtype, seed=0, owner="the model", conv_std=None, optional=frozenset()):
         self.dtype = np.dtype(dtype)
         self.owner = owner
+        self.optional = frozenset(optional)
         self.shapes = OrderedDict((key, tuple(shape)) for key, shape, _ in specs)
         self.version = 0
         rng = np.random.default_rng(seed)
@@ -92,7 +102,7 @@ class Parameters(Mapping):
     def problems(self, state_dict, strict=True):
         """The lines of the error ``load`` would raise for ``state_dict`` (empty when it fits)."""
         problems = []
-        missing = [k for k in self.shapes if not _is_counter(k) and k not in state_dict]
+        missing = [k for k in self.shapes if not _is_counter(k) and k not in self.optional and k not in state_dict]
         unexpected = [k for k in state_dict if k not in self.shapes]
         if strict and missing:
             problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))

@@ -10,8 +10,9 @@ from .errors import ImageError
 from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD, preprocess
 from .imagenet import class_index
 from .model import MobileNetV3
+from .quantized import QuantizedMobileNetV3
 from .serialization import load_state_dict
-from .weights import assemble, build, meta_for_file, options_in
+from .weights import assemble, build, build_quantized, meta_for_file, options_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 DEFAULT_ARCH = "mobilenet_v3_large"
@@ -35,16 +36,21 @@ def _is_path(weights):
     return hasattr(weights, "__fspath__")
 
 
-def get_model(model=None, weights="DEFAULT", offline=None):
+def get_model(model=None, weights="DEFAULT", offline=None, quantized=False):
     """A ``MobileNetV3`` for predict(): ``model`` itself if it is one, else a new one built with ``weights``.
 
     ``model`` None takes the architecture from a weights file (its ``.npz`` metadata, or its keys
-    and shapes), else Large. Nothing is kept between calls: a name builds the network again
-    (reading and checking its weights file). To classify many images, pass them as one list, or
-    build the model once and pass it as ``model``.
+    and shapes), else Large. With ``quantized`` it is the int8 ``QuantizedMobileNetV3`` (``weights``:
+    "DEFAULT" = IMAGENET1K_QNNPACK_V1, or a QAT state dict's path). Nothing is kept between calls: a
+    name builds the network again (reading and checking its weights file). To classify many images,
+    pass them as one list, or build the model once and pass it as ``model``.
     """
-    if isinstance(model, MobileNetV3):
+    if isinstance(model, (MobileNetV3, QuantizedMobileNetV3)):
         return model
+    if quantized:
+        if model not in (None, DEFAULT_ARCH):
+            raise ValueError(f"model: the quantized network is {DEFAULT_ARCH} only, got {model!r}")
+        return build_quantized(weights, offline=offline)
     if model is not None and model not in ARCHS:
         raise ValueError(f"model: expected one of {', '.join(ARCHS)} or a MobileNetV3 instance, got {model!r}")
     if model is None and _is_path(weights):
@@ -120,7 +126,7 @@ def classify(net, images, names, topk=5, batch_size=16, exif_transpose=False, ke
 
 
 def predict(images, model=None, weights="DEFAULT", topk=5, batch_size=16, exif_transpose=False, offline=None,
-            progress=None, resize_size=None, crop_size=None):
+            progress=None, resize_size=None, crop_size=None, quantized=False):
     """Top-k ImageNet predictions for one image or a list of images.
 
     Parameters
@@ -128,8 +134,8 @@ def predict(images, model=None, weights="DEFAULT", topk=5, batch_size=16, exif_t
     images : image or list of images
         A path, bytes, a binary file object, a PIL image, an HWC uint8 RGB or HW grey array, or a
         list of any of these (run in batches of ``batch_size``).
-    model : None, str or MobileNetV3
-        "mobilenet_v3_large", "mobilenet_v3_small", a ``MobileNetV3`` instance (then ``weights``
+    model : None, str, MobileNetV3 or QuantizedMobileNetV3
+        "mobilenet_v3_large", "mobilenet_v3_small", a network instance (then ``weights``
         is ignored and its own preprocessing metadata, if any, is used), or None: the architecture
         of the weights file, else Large. A name builds the network for this call only.
     weights : str or path
@@ -141,6 +147,9 @@ def predict(images, model=None, weights="DEFAULT", topk=5, batch_size=16, exif_t
     resize_size, crop_size : int or None
         Replace the weights' preprocessing recipe (resize 232 for Large IMAGENET1K_V2, 256 otherwise;
         centre crop 224).
+    quantized : bool
+        Use torchvision's int8 MobileNetV3-Large (``npmnv3.quantized_mobilenet_v3_large``) with
+        ``weights`` ("DEFAULT" = IMAGENET1K_QNNPACK_V1, or a QAT state dict) and its recipe.
 
     Returns
     -------
@@ -158,7 +167,7 @@ def predict(images, model=None, weights="DEFAULT", topk=5, batch_size=16, exif_t
     if not batch:
         raise ImageError("images: expected an image or a non-empty list of images, got an empty list")
     _check_positive(batch_size, "batch_size")
-    net = get_model(model, weights, offline=offline)
+    net = get_model(model, weights, offline=offline, quantized=quantized)
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= net.num_classes:
         raise ValueError(f"topk: expected an integer from 1 to {net.num_classes}, got {topk!r}")
     if progress is None:

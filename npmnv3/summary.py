@@ -5,7 +5,11 @@ included), as torchvision's published "GFLOPS" do: a conv costs
 ``H_out * W_out * C_out * (C_in / groups) * kh * kw``, a linear layer ``in * out``.
 BatchNorm, activations, pooling, resizing and the residual adds are not counted. Parameters are
 the weights and biases (BatchNorm's weight and bias included, its running statistics not).
+For the int8 network the rows also give the bytes of each layer's weights as it runs them (int8
+weights, int32 biases, a float32 scale; BatchNorm folded in) and as float32 weights and biases.
 """
+
+BYTE_COLUMNS = ("int8_bytes", "float32_bytes")
 
 from .config import BUFFER_KINDS, Block, Conv, Linear, SqueezeExcite
 
@@ -57,20 +61,22 @@ def summary(model, input_size=224, file=None, print_table=True):
     """
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     rows = model.layer_table(height, width)
-    total_params = sum(r["params"] for r in rows)
-    total_macs = sum(r["macs"] for r in rows)
+    totals = dict(total_params=sum(r["params"] for r in rows), total_macs=sum(r["macs"] for r in rows))
+    totals.update({f"total_{c}": sum(r[c] for r in rows) for c in BYTE_COLUMNS if rows and c in rows[0]})
     if print_table:
-        print(format_table(model, rows, total_params, total_macs, f"{height}x{width}"), file=file)
-    return dict(rows=rows, total_params=total_params, total_macs=total_macs)
+        print(format_table(model, rows, totals, f"{height}x{width}"), file=file)
+    return dict(rows=rows, **totals)
 
 
-def format_table(model, rows, total_params, total_macs, size):
-    """The printed table, columns as wide as their widest entry."""
+def format_table(model, rows, totals, size):
+    """The printed table, columns as wide as their widest entry (byte columns when the rows have them)."""
+    extra = [c for c in BYTE_COLUMNS if rows and c in rows[0]]
+    columns = ["params", "macs"] + extra
     shapes = ["x".join(map(str, r["output_shape"])) for r in rows]
-    cells = [(r["name"], s, f"{r['params']:,}", f"{r['macs']:,}") for r, s in zip(rows, shapes)]
-    cells.append(("total", "", f"{total_params:,}", f"{total_macs:,}"))
-    header = ("layer", "output shape", "params", "MACs")
-    widths = [max(len(c[i]) for c in cells + [header]) for i in range(4)]
+    cells = [(r["name"], s, *(f"{r[c]:,}" for c in columns)) for r, s in zip(rows, shapes)]
+    cells.append(("total", "", *(f"{totals['total_' + c]:,}" for c in columns)))
+    header = ("layer", "output shape", "params", "MACs", *(c.replace("_", " ") for c in extra))
+    widths = [max(len(c[i]) for c in cells + [header]) for i in range(len(header))]
     lines = [f"{model!r} at input {size}"]
     for row in [header] + cells:
         lines.append("  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])

@@ -9,8 +9,11 @@ SHA-256 (``hub.fetch``; downloaded once into ``hub.cache_dir()`` or found in tor
     mobilenet_v3_small              IMAGENET1K_V1 (DEFAULT)    mobilenet_v3_small-047dcff4.pth      256
     lraspp_mobilenet_v3_large       COCO_WITH_VOC_LABELS_V1    lraspp_mobilenet_v3_large-d234d4ea.pth        520, no crop
     deeplabv3_mobilenet_v3_large    COCO_WITH_VOC_LABELS_V1    deeplabv3_mobilenet_v3_large-fc3c493d.pth     520, no crop
+    quantized_mobilenet_v3_large    IMAGENET1K_QNNPACK_V1      quantized/mobilenet_v3_large_qnnpack-5bcacf28.pth  256
 
-The classifiers crop 224 after resizing; all use ImageNet's mean and std.
+The classifiers crop 224 after resizing; all use ImageNet's mean and std. No full SHA-256 of the
+quantized file is on record: it is checked as torch hub checks it, by the prefix in its name
+(``5bcacf28``), its size not pinned.
 """
 
 from dataclasses import dataclass, field
@@ -38,8 +41,8 @@ class Weights:
     arch: str
     name: str
     filename: str
-    size: int
-    sha256: str
+    size: object            # int, or None: not pinned (then ``sha256`` is None too, see ``hub.fetch``)
+    sha256: object          # the full SHA-256, or None: the prefix in ``filename`` is checked
     resize_size: int
     metrics: tuple
     crop_size: object = DEFAULT_CROP
@@ -47,11 +50,20 @@ class Weights:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     recipe: str = field(default=CLASSIFICATION_RECIPE)
+    subfolder: str = ""     # below the base URL, e.g. "quantized/"
 
     @property
     def url(self):
         """Where torchvision publishes the file (``NPMNV3_WEIGHTS_URL`` replaces the base)."""
-        return hub.DEFAULT_BASE_URL + self.filename
+        return hub.DEFAULT_BASE_URL + self.subfolder + self.filename
+
+    def matches(self, path, digest):
+        """Whether the file at ``path`` with SHA-256 ``digest`` is this one (by full hash, or by the
+        name and the hash prefix it carries)."""
+        if self.sha256 is not None:
+            return digest == self.sha256
+        prefix = hub.hash_prefix(self.filename)
+        return Path(path).name == self.filename and digest.startswith(prefix)
 
     @property
     def acc1(self):
@@ -63,7 +75,8 @@ class Weights:
 
     def fetch(self, offline=None, progress=None):
         """Path of the verified local file, downloading it on first use (see ``hub.fetch``)."""
-        return hub.fetch(self.filename, self.sha256, self.size, offline=offline, progress=progress)
+        return hub.fetch(self.filename, self.sha256, self.size, subfolder=self.subfolder, offline=offline,
+                         progress=progress)
 
     def meta(self):
         """What predict() and segment() need: preprocessing, class names and the published numbers."""
@@ -97,10 +110,15 @@ OFFICIAL = {
     ("deeplabv3_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1"): _segmentation(
         "deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large-fc3c493d.pth", 44_356_159,
         "fc3c493d68e89cc31ef488c803d5d7dd2f3190fb570598faa49fef69be8e5e70", 60.3, 91.2),
+    ("quantized_mobilenet_v3_large", "IMAGENET1K_QNNPACK_V1"): Weights(
+        "quantized_mobilenet_v3_large", "IMAGENET1K_QNNPACK_V1", "mobilenet_v3_large_qnnpack-5bcacf28.pth", None,
+        None, 256, (("acc@1", 73.004), ("acc@5", 90.858)), subfolder="quantized/",
+        recipe="https://github.com/pytorch/vision/tree/main/references/classification#qat-mobilenetv3"),
 }
 DEFAULT = {"mobilenet_v3_large": "IMAGENET1K_V2", "mobilenet_v3_small": "IMAGENET1K_V1",
            "lraspp_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1",
-           "deeplabv3_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1"}
+           "deeplabv3_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1",
+           "quantized_mobilenet_v3_large": "IMAGENET1K_QNNPACK_V1"}
 
 
 def get_weights(arch, name="DEFAULT"):
@@ -147,10 +165,10 @@ def meta_for_file(path):
         meta = dict(stored) if stored.get("resize_size") else dict(default_recipe(), **stored)
         meta.setdefault("categories", categories() if stored.get("num_classes", 1000) == 1000 else None)
         return meta
-    if path.stat().st_size in {w.size for w in OFFICIAL.values()}:
+    if path.stat().st_size in {w.size for w in OFFICIAL.values()} or path.name in {w.filename for w in OFFICIAL.values()}:
         digest = hub.sha256_of(path)
         for w in OFFICIAL.values():
-            if w.sha256 == digest:
+            if w.matches(path, digest):
                 return w.meta()
     return dict(default_recipe(), weights=str(path), categories=categories())
 
@@ -253,4 +271,13 @@ def build_segmenter(arch, weights=None, *, num_classes=None, aux_loss=None, dtyp
         if aux_loss is None:
             aux_loss = state_dict is not None and "aux_classifier.4.weight" in state_dict
         model = DeepLabV3(num_classes=num_classes, aux_loss=aux_loss, dtype=dtype, seed=seed, threads=threads)
+    return load_into(model, state_dict, meta)
+
+
+def build_quantized(weights=None, *, num_classes=None, seed=0, threads=None, offline=None, progress=None):
+    """Build the int8 ``QuantizedMobileNetV3`` and load a QAT state dict ``weights`` (as ``resolve`` takes
+    them: None, "DEFAULT" = "IMAGENET1K_QNNPACK_V1", or a path); ``num_classes`` defaults to the weights'."""
+    from .quantized import QuantizedMobileNetV3
+    state_dict, meta = resolve("quantized_mobilenet_v3_large", weights, offline=offline, progress=progress)
+    model = QuantizedMobileNetV3(num_classes=num_classes or classes_in(state_dict), seed=seed, threads=threads)
     return load_into(model, state_dict, meta)

@@ -890,8 +890,54 @@ def test_exercise_notebook_is_stored_clean_and_checks_every_kernel():
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
     source = "\n".join("".join(c["source"]) for c in code)
-    for kernel in EXERCISES:
+    for kernel in EXERCISES + ("requantize",):
         assert f"check_{kernel}(my_{kernel})" in source
         assert f"ex.{kernel}(" in source                     # the student's cell starts on the stub
     assert "block = model.features[5]" in source and "params = model.params" in source    # the bneck hint
     assert "npmnv3/kernels.py" in "".join("".join(c["source"]) for c in nb["cells"])
+
+
+# --------------------------------------------------------------------------- requantization (the int8 network's step)
+
+def test_requantize_references_pass_and_the_stub_is_not_implemented(capsys):
+    from npmnv3 import qkernels as QK
+    for seed in (0, 1, 2):
+        for fn in (QK.requantize, QK.requantize_naive):
+            result = ex.check_requantize(fn, seed=seed, verbose=False)
+            assert result and result.n_cases == 6, result.message
+    with pytest.raises(NotImplementedError):
+        ex.requantize(np.zeros(3, np.int64), np.float32(0.5), 0)
+    assert_fails(ex.check_requantize(ex.requantize), "check_requantize: not implemented yet")
+    assert "not implemented yet" in capsys.readouterr().out
+
+
+def test_requantize_cases_cover_halves_clamps_relu_and_large_sums():
+    cases = ex._requantize_cases(0)
+    expected = np.concatenate([c.expected.ravel() for c in cases])
+    assert expected.dtype == np.uint8 and expected.min() == 0 and expected.max() == 255
+    halves = [c for c in cases if "halves" in c.note and "2**24" not in c.note][0]
+    assert ((halves.arg("acc") * np.float64(halves.kwargs["multiplier"])) % 1 == 0.5).all()
+    large = [c for c in cases if "2**24" in c.note][0]
+    assert np.abs(large.arg("acc")).min() > 2 ** 24 and 0 < large.expected.min() and large.expected.max() < 255
+    assert any(c.kwargs["relu"] and c.kwargs["zero_point"] > 0 for c in cases)
+
+
+def _requantize_with(rounding=np.rint, product=lambda acc, m: acc.astype(np.float32) * m, relu_at_zero=False,
+                     dtype=np.uint8):
+    def fn(acc, multiplier, zero_point, relu=False):
+        low = 0 if relu_at_zero or not relu else zero_point
+        return np.clip(rounding(product(acc, multiplier)) + zero_point, low, 255).astype(dtype)
+    return fn
+
+
+@pytest.mark.parametrize("mistake,fragments", [
+    (dict(rounding=lambda v: np.floor(v + np.float32(0.5))),
+     ["case 2 of 6 (halves", "likely cause: a half rounded up or away from zero"]),
+    (dict(product=lambda acc, m: acc * np.float64(m)),
+     ["case 5 of 6 (sums beyond 2**24", "likely cause: the product taken in float64"]),
+    (dict(relu_at_zero=True), ["case 4 of 6 (fused ReLU", "likely cause: ReLU clamped at 0 (or left out)"]),
+    (dict(dtype=np.float32), ["output dtype: expected uint8 (quantized activations are uint8), got float32",
+                              "y.astype(np.uint8)"]),
+])
+def test_requantize_mistakes_are_named(mistake, fragments):
+    assert_fails(ex.check_requantize(_requantize_with(**mistake), verbose=False), *fragments)

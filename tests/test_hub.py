@@ -608,3 +608,40 @@ def test_two_processes_download_one_file(server, cache):
         assert out.strip() == str(cache / NAME)
     assert (cache / NAME).read_bytes() == DATA
     assert_folder(cache, NAME)
+
+
+# --------------------------------------------------------------------------- files known only by the prefix in their name
+
+PREFIXED = f"weights_qnnpack-{SHA[:8]}.pth"     # as torchvision names files: the hash's first 8 hex digits
+
+
+def test_a_file_named_with_its_hash_prefix_is_checked_by_it(server, cache):
+    path = hub.fetch(PREFIXED, None, None, base_url=server.base("ok"), subfolder="quantized/", progress=False)
+    assert path == cache / PREFIXED and path.read_bytes() == DATA
+    assert server.requests == [f"/ok/quantized/{PREFIXED}"]
+    again = hub.fetch(PREFIXED, None, None, base_url=server.base("ok"), subfolder="quantized/", progress=False)
+    assert again == path and len(server.requests) == 1       # the cached copy, checked by the prefix again
+
+
+def test_a_file_whose_hash_does_not_begin_with_its_prefix_is_refused(server, cache):
+    with pytest.raises(DownloadError) as info:
+        hub.fetch(PREFIXED, None, None, base_url=server.base("bad"), progress=False)
+    assert f"has SHA-256 {BAD_SHA} instead of one beginning with {SHA[:8]}" in str(info.value)
+    assert f"(SHA-256 beginning with {SHA[:8]})" in str(info.value)
+    assert not (cache / PREFIXED).exists()
+    cache.mkdir(exist_ok=True)
+    (cache / PREFIXED).write_bytes(BAD_DATA)            # a wrong cached copy is replaced, not used
+    assert hub.fetch(PREFIXED, None, None, base_url=server.base("ok"), progress=False).read_bytes() == DATA
+
+
+def test_unpinned_size_still_needs_the_announced_length(server, cache):
+    with pytest.raises(DownloadError, match=r"the connection closed after 150,000 of 300,000 bytes"):
+        hub.fetch(PREFIXED, None, None, base_url=server.base("trunc"), progress=False)
+
+
+def test_without_a_hash_the_name_must_carry_a_prefix(cache):
+    with pytest.raises(ValueError, match=r"without sha256, the file name must carry a SHA-256 prefix"):
+        hub.fetch("weights.pth", None, None)
+    with pytest.raises(ValueError, match=r"subfolder must be empty or a relative folder ending in '/'"):
+        hub.fetch(PREFIXED, None, None, subfolder="../")
+    assert hub.hash_prefix("mobilenet_v3_large_qnnpack-5bcacf28.pth") == "5bcacf28"

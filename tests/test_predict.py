@@ -257,3 +257,51 @@ def test_evaluate_progress_bar_goes_to_stderr(small_pth, tmp_path, capsys):
     assert captured.err.endswith("] 6/6 images\n") and "\r[" in captured.err and "4/6 images" in captured.err
     npmnv3.evaluate(tmp_path / "val", model=model, batch_size=4)       # stderr is not a terminal here
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- the int8 network
+
+@pytest.fixture(scope="module")
+def qat_pth(tmp_path_factory):
+    """A QAT state dict of torchvision's quantizable Large (random weights, calibrated), and torch's int8 model."""
+    import torchref
+    qat, quantized = torchref.quantized_model(seed=12)
+    path = tmp_path_factory.mktemp("q") / "qat.pth"
+    torch.save(qat.state_dict(), path)
+    return path, quantized
+
+
+def test_predict_quantized_matches_torchs_int8_model(qat_pth):
+    import torchref
+    path, torch_model = qat_pth
+    images = [photo(s) for s in range(3)]
+    results = npmnv3.predict(images, weights=path, quantized=True, topk=3)
+    model = npmnv3.quantized_mobilenet_v3_large(weights=path)
+    assert npmnv3.predict(images, model=model, topk=3) == results
+    from npmnv3.predict import recipe
+    x = np.stack([npmnv3.preprocess(image, **recipe(model)) for image in images])   # the guessed recipe: 256, 224
+    logits, _ = torchref.quantized_features_and_logits(torch_model, x)
+    for preds, row in zip(results, logits):
+        assert preds[0]["index"] == int(np.argmax(row))
+        np.testing.assert_allclose([p["probability"] for p in preds], np.sort(softmax(row[None])[0])[::-1][:3],
+                                   rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="model: the quantized network is mobilenet_v3_large only, got 'mobilenet_v3_small'"):
+        npmnv3.predict(images[0], model="mobilenet_v3_small", quantized=True)
+
+
+def test_cli_predict_quantized(qat_pth, capsys):
+    path, _ = qat_pth
+    from matplotlib import cbook
+    sample = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    assert main(["predict", "--quantized", "--weights", str(path), "--json", sample]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = npmnv3.predict(sample, weights=path, quantized=True)
+    assert data[0]["predictions"] == expected
+    assert main(["predict", "--quantized", "--arch", "mobilenet_v3_small", "--weights", str(path), sample]) == 1
+    assert capsys.readouterr().err.strip() == ("npmnv3 predict: error: --quantized: torchvision's quantized network "
+                                               "is mobilenet_v3_large; drop --arch mobilenet_v3_small")
+    small = npmnv3.mobilenet_v3_small()
+    small.save(path.parent / "small.npz")
+    assert main(["predict", "--quantized", "--weights", str(path.parent / "small.npz"), sample]) == 1
+    assert capsys.readouterr().err.startswith(f"npmnv3 predict: error: --weights {path.parent / 'small.npz'}: "
+                                              "state_dict does not fit QuantizedMobileNetV3")

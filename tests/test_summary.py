@@ -59,3 +59,22 @@ def test_cli_summary(capsys):
         main(["summary", "--size", "0"])
     assert info.value.code == 2
     assert "argument --size: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_quantized_summary_counts_int8_bytes(capsys):
+    from npmnv3.cli import main
+    model = npmnv3.quantized_mobilenet_v3_large()
+    result = npmnv3.summary(model, print_table=False)
+    float_result = npmnv3.summary(npmnv3.mobilenet_v3_large(), print_table=False)
+    assert (result["total_params"], result["total_macs"]) == (float_result["total_params"], float_result["total_macs"])
+    network = model.engine()
+    weights = sum(layer.weight.size for layer in network.layers.values() if hasattr(layer, "weight"))
+    biases = sum(layer.bias.size for layer in network.layers.values() if hasattr(layer, "weight"))
+    layers = sum(1 for layer in network.layers.values() if hasattr(layer, "weight"))
+    assert result["total_int8_bytes"] == weights + 4 * biases + 4 * layers      # int8, int32, one float32 scale each
+    assert result["total_float32_bytes"] == 4 * (weights + biases)
+    assert main(["summary", "--quantized"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 bytes" in out and "float32 bytes" in out and f"{result['total_int8_bytes']:,}" in out
+    assert main(["summary", "--quantized", "--arch", "mobilenet_v3_small"]) == 1
+    assert "--quantized: torchvision's quantized network is mobilenet_v3_large, not mobilenet_v3_small" in capsys.readouterr().err

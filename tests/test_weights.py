@@ -23,10 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def torchvision_enums():
     import torchvision.models.segmentation as seg
+    from torchvision.models import quantization
     return {"mobilenet_v3_large": torchvision.models.MobileNet_V3_Large_Weights,
             "mobilenet_v3_small": torchvision.models.MobileNet_V3_Small_Weights,
             "lraspp_mobilenet_v3_large": seg.LRASPP_MobileNet_V3_Large_Weights,
-            "deeplabv3_mobilenet_v3_large": seg.DeepLabV3_MobileNet_V3_Large_Weights}
+            "deeplabv3_mobilenet_v3_large": seg.DeepLabV3_MobileNet_V3_Large_Weights,
+            "quantized_mobilenet_v3_large": quantization.MobileNet_V3_Large_QuantizedWeights}
 
 
 def test_registry_matches_torchvision():
@@ -36,7 +38,9 @@ def test_registry_matches_torchvision():
         tv = enums[arch][name]
         transforms = tv.transforms()
         assert entry.url == tv.url
-        assert entry.sha256.startswith(tv.url.rsplit("-", 1)[1][:8])    # torchvision's 8-hex prefix
+        prefix = tv.url.rsplit("-", 1)[1][:8]                            # torchvision's 8-hex prefix
+        assert (entry.sha256 or npmnv3.hub.hash_prefix(entry.filename)).startswith(prefix)
+        assert (entry.sha256 is None) == (entry.size is None)          # a size is pinned only with the full hash
         assert entry.resize_size == transforms.resize_size[0]
         assert entry.crop_size == (transforms.crop_size[0] if hasattr(transforms, "crop_size") else None)
         assert entry.mean == tuple(transforms.mean) and entry.std == tuple(transforms.std)
@@ -230,3 +234,28 @@ def test_convert_errors(tmp_path):
     run = run_convert(tmp_path / "other.npz", tmp_path / "o.npz")
     assert run.returncode == 1 and "the weights fit no MobileNetV3 with these options" in run.stderr
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_quantized_weights_are_downloaded_from_their_folder_and_checked_by_their_name(mirror, monkeypatch, tmp_path):
+    """The registry entry of the int8 network has only the hash prefix of its name: a file published under
+    a name carrying its own prefix downloads from models/quantized/ and loads; one whose hash does not begin
+    with that prefix is refused."""
+    import torchref
+    qat, _ = torchref.quantized_model(seed=5)
+    path = tmp_path / "qat.pth"
+    torch.save(qat.state_dict(), path)
+    data = path.read_bytes()
+    key = ("quantized_mobilenet_v3_large", "IMAGENET1K_QNNPACK_V1")
+    entry = dataclasses.replace(W.OFFICIAL[key], filename=f"mobilenet_v3_large_qnnpack-{hashlib.sha256(data).hexdigest()[:8]}.pth")
+    assert entry.sha256 is None and entry.size is None
+    monkeypatch.setitem(W.OFFICIAL, key, entry)
+    _Handler.files[entry.filename] = data
+    model = npmnv3.quantized_mobilenet_v3_large(weights="DEFAULT", progress=False)
+    assert _Handler.requests == [f"/models/quantized/{entry.filename}"]
+    assert model.meta["weights"] == "IMAGENET1K_QNNPACK_V1" and model.meta["resize_size"] == 256
+    assert model.meta["acc@1"] == 73.004 and len(model.meta["categories"]) == 1000
+    assert W.meta_for_file(tmp_path / "cache" / entry.filename)["weights"] == "IMAGENET1K_QNNPACK_V1"
+    (tmp_path / "cache" / entry.filename).unlink()
+    _Handler.files[entry.filename] = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(npmnv3.DownloadError, match="instead of one beginning with"):
+        npmnv3.quantized_mobilenet_v3_large(weights="IMAGENET1K_QNNPACK_V1", progress=False)

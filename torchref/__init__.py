@@ -5,7 +5,9 @@ torchvision's own networks with random weights under which every layer matters, 
 run them and to hand their weights to npmnv3.
 """
 
+import contextlib
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -111,3 +113,119 @@ def random_segmentation_model(arch, seed=0, **options):
     torch.manual_seed(seed)
     model = getattr(segmentation, arch)(weights=None, weights_backbone=None, **options)
     return calibrate(model, smooth_images(4, 96, 112, seed), seed)
+
+
+# --------------------------------------------------------------------------- torch's quantized MobileNetV3
+
+QUANTIZED_LOGIT_LEVELS = 200    # ``random_quantizable_model`` scales the classifier so logits span about this many steps
+
+
+@contextlib.contextmanager
+def quiet_quantization():
+    """Silence torch's warnings that eager-mode quantization is deprecated and that unused observers
+    (a block's residual add without a residual) were never run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
+        warnings.filterwarnings("ignore", "must run observer before calling calculate_qparams", UserWarning)
+        yield
+
+
+@contextlib.contextmanager
+def quantized_engine(name):
+    """Set ``torch.backends.quantized.engine`` to ``name`` ("qnnpack", "fbgemm", "x86") inside the block only."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def random_quantizable_model(seed=0, images=None):
+    """torchvision's quantizable MobileNetV3-Large (``quantization.mobilenet_v3_large(quantize=False)``) with
+    random float weights under which every layer matters, in eval mode.
+
+    BatchNorm statistics are measured on ``images`` (default: smooth random images, see ``calibrate``), and
+    the last classifier layer is scaled so that on those images the logits spread over a range that int8
+    output steps resolve (about ``QUANTIZED_LOGIT_LEVELS`` levels between their smallest and largest value).
+    """
+    from torchvision.models.quantization import mobilenet_v3_large
+    torch.manual_seed(seed)
+    images = smooth_images(4, 96, 112, seed) if images is None else images
+    model = calibrate(mobilenet_v3_large(weights=None, quantize=False), images, seed)
+    with torch.no_grad():
+        logits = model(images)
+        spread = float(logits.max() - logits.min())
+        head = model.classifier[3]
+        head.weight.mul_(QUANTIZED_LOGIT_LEVELS / 20 / spread)     # logits in about +-5 at ~0.05 a step
+        head.bias.mul_(QUANTIZED_LOGIT_LEVELS / 20 / spread)
+    return model
+
+
+def prepare_qat(float_model):
+    """A copy of a quantizable ``float_model`` prepared as torchvision prepares it for quantization-aware
+    training: ``fuse_model(is_qat=True)``, ``get_default_qat_qconfig("qnnpack")``, ``prepare_qat``."""
+    model = copy.deepcopy(float_model)
+    model.fuse_model(is_qat=True)
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig("qnnpack")
+    model.train()
+    with quiet_quantization():
+        torch.ao.quantization.prepare_qat(model, inplace=True)
+    return model
+
+
+def observe(qat_model, images):
+    """Run ``images`` through ``qat_model`` in train mode (no gradients): the fake-quant observers record
+    every activation's range, as they do during training. Returns the model in eval mode."""
+    qat_model.train()
+    with torch.no_grad():
+        qat_model(images)
+    return qat_model.eval()
+
+
+def end_of_training(qat_model, seed=0, step=0.02):
+    """Put an observed ``qat_model`` into the state QAT ends in: observers disabled, BatchNorm statistics
+    frozen, and then the weights trained on (here: moved by ``step`` of their std at random), so the
+    observed weight ranges are no longer the weights' own. Returns the model in eval mode."""
+    qat_model.apply(torch.ao.quantization.disable_observer)
+    qat_model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in qat_model.named_parameters():
+            if name.endswith("weight") and p.ndim >= 2:
+                p.add_(step * p.std() * torch.randn(p.shape, generator=g))
+    return qat_model.eval()
+
+
+def convert(qat_model, engine="qnnpack"):
+    """``torch.ao.quantization.convert`` of a copy of ``qat_model`` (in eval mode) under ``engine``."""
+    with quantized_engine(engine), quiet_quantization():
+        model = copy.deepcopy(qat_model).eval()
+        return torch.ao.quantization.convert(model, inplace=False)
+
+
+def quantized_model(seed=0, images=None, engine="qnnpack"):
+    """``(qat_model, quantized_model)``: torch's int8 MobileNetV3-Large built from a random float model as
+    torchvision builds it (``random_quantizable_model``, ``prepare_qat``, ``observe`` on ``images`` in train
+    mode, ``convert`` under ``engine``). The QAT model's state_dict is what a weights file holds."""
+    images = smooth_images(4, 96, 112, seed) if images is None else images
+    qat = observe(prepare_qat(random_quantizable_model(seed, images)), images)
+    return qat, convert(qat, engine)
+
+
+def quantized_features_and_logits(qmodel, x, engine="qnnpack"):
+    """Run torch's quantized MobileNetV3 on float NCHW ``x`` under ``engine``.
+
+    Returns ``(logits, features)``: the dequantized float logits, and for every ``features.i`` a tuple
+    ``(integer values as uint8 NCHW, scale, zero_point)``.
+    """
+    feats = {}
+    with quantized_engine(engine), torch.no_grad():
+        t = qmodel.quant(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        for i, layer in enumerate(qmodel.features):
+            t = layer(t)
+            feats[f"features.{i}"] = (t.int_repr().numpy().copy(), t.q_scale(), t.q_zero_point())
+        t = qmodel.classifier(torch.flatten(qmodel.avgpool(t), 1))
+        logits = qmodel.dequant(t).numpy().copy()
+    return logits, feats
