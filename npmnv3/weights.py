@@ -9,8 +9,11 @@ SHA-256 (``hub.fetch``; downloaded once into ``hub.cache_dir()`` or found in tor
     mobilenet_v3_small              IMAGENET1K_V1 (DEFAULT)    mobilenet_v3_small-047dcff4.pth      256
     lraspp_mobilenet_v3_large       COCO_WITH_VOC_LABELS_V1    lraspp_mobilenet_v3_large-d234d4ea.pth        520, no crop
     deeplabv3_mobilenet_v3_large    COCO_WITH_VOC_LABELS_V1    deeplabv3_mobilenet_v3_large-fc3c493d.pth     520, no crop
+    ssdlite320_mobilenet_v3_large   COCO_V1                    ssdlite320_mobilenet_v3_large_coco-a79551df.pth
 
-The classifiers crop 224 after resizing; all use ImageNet's mean and std.
+The classifiers crop 224 after resizing; they and the segmenters use ImageNet's mean and std. The
+detector takes images in [0, 1] as they are (no mean and std: ``mean`` 0, ``std`` 1): it resizes
+them to 320 x 320 and normalises them itself (``detection.transform``).
 """
 
 from dataclasses import dataclass, field
@@ -25,6 +28,8 @@ from .serialization import load_metadata, load_state_dict
 
 CLASSIFICATION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification"
 SEGMENTATION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/segmentation"
+DETECTION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/detection#ssdlite320-mobilenetv3-large"
+DETECTOR = "ssdlite320_mobilenet_v3_large"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Weights:
 
     ``metrics`` are the published numbers as ((name, value), ...); ``labels`` names the class-name
     list ("imagenet", "voc", "coco"); ``crop_size`` None means no crop (the segmentation recipe).
+    ``resize_size`` is the short side the recipe resizes to (the detector: its fixed 320 x 320).
     """
 
     arch: str
@@ -97,10 +103,14 @@ OFFICIAL = {
     ("deeplabv3_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1"): _segmentation(
         "deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large-fc3c493d.pth", 44_356_159,
         "fc3c493d68e89cc31ef488c803d5d7dd2f3190fb570598faa49fef69be8e5e70", 60.3, 91.2),
+    (DETECTOR, "COCO_V1"): Weights(
+        DETECTOR, "COCO_V1", "ssdlite320_mobilenet_v3_large_coco-a79551df.pth", 14_069_355,
+        "a79551df90c79834bcd3bb3845ef9d966b5449a3a9b2833ae8404778ca5d65d2", 320, (("box_map", 21.3),),
+        crop_size=None, labels="coco", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), recipe=DETECTION_RECIPE),
 }
 DEFAULT = {"mobilenet_v3_large": "IMAGENET1K_V2", "mobilenet_v3_small": "IMAGENET1K_V1",
            "lraspp_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1",
-           "deeplabv3_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1"}
+           "deeplabv3_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1", DETECTOR: "COCO_V1"}
 
 
 def get_weights(arch, name="DEFAULT"):
@@ -253,4 +263,18 @@ def build_segmenter(arch, weights=None, *, num_classes=None, aux_loss=None, dtyp
         if aux_loss is None:
             aux_loss = state_dict is not None and "aux_classifier.4.weight" in state_dict
         model = DeepLabV3(num_classes=num_classes, aux_loss=aux_loss, dtype=dtype, seed=seed, threads=threads)
+    return load_into(model, state_dict, meta)
+
+
+def build_detector(weights=None, *, num_classes=None, dtype=None, seed=0, threads=None, offline=None,
+                   progress=None):
+    """Build ``"ssdlite320_mobilenet_v3_large"`` and load ``weights`` (as ``resolve`` takes them).
+    ``num_classes`` defaults to the weights' (91 for the official ones, background and "N/A" slots
+    included), else 91."""
+    from .detection import BOXES_PER_LOCATION, SSDLite
+    state_dict, meta = resolve(DETECTOR, weights, offline=offline, progress=progress)
+    if num_classes is None:
+        rows = classes_in(state_dict, 91 * BOXES_PER_LOCATION, "head.classification_head.module_list.0.1.weight")
+        num_classes = rows // BOXES_PER_LOCATION
+    model = SSDLite(num_classes=num_classes, dtype=dtype_of(meta, dtype), seed=seed, threads=threads)
     return load_into(model, state_dict, meta)
