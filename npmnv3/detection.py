@@ -31,6 +31,7 @@ C4 block stays one ``config.Block`` whose sub-layer records carry those names, s
 """
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from . import fast_kernels as F
 from . import kernels as K
 from .config import Block, Conv, bneck_block, bneck_settings, mobilenet_v3_features
 from .engine import Engine
+from .engine.parallel import run_tasks
 from .model import bneck, conv_bn_act, forward_features
 from .network import Network, check_input
 from .segmentation import plain_conv
@@ -135,7 +137,10 @@ def transform(images, dtype, size=IMAGE_SIZE):
     batch = np.empty((len(images), 3, *size), dtype)
     mean, std = np.dtype(dtype).type(IMAGE_MEAN), np.dtype(dtype).type(IMAGE_STD)
     for i, image in enumerate(images):
-        batch[i] = K.interpolate(((image.astype(dtype) - mean) / std)[None], size)[0]
+        x = image.astype(dtype)             # a copy, normalised in place
+        x -= mean
+        x /= std
+        batch[i] = K.interpolate(x[None], size)[0]
     return batch
 
 
@@ -206,18 +211,34 @@ def _select(boxes, scores, anchor_index, labels, original_size, size, iou_thresh
 
 # --------------------------------------------------------------------------- the fast path
 
-def head_outputs_fast(maps, head, prepared):
-    """``head_outputs`` on NHWC maps with the fast kernels (BN folded): an NHWC output already lists
-    position by position and box by box, so it only needs a reshape."""
-    parts = []
-    for x, block in zip(maps, head):
-        weight, bias = prepared.depthwise(block.depthwise)
-        y = F.depthwise_conv2d(x, weight, padding=block.depthwise.padding)
-        y += bias
-        F.relu6(y, y)
-        weight, bias, _ = prepared.pointwise(block.conv)
-        parts.append(F.conv1x1(y, weight, bias).reshape(len(x), -1, block.columns))
-    return np.concatenate(parts, axis=1)
+def head_outputs_fast(maps, heads, prepared, threads=1):
+    """``head_outputs`` of every head on NHWC maps with the fast kernels (BN folded): ``{key: (N, B, columns)}``.
+
+    An NHWC output already lists position by position and box by box, so each (head, map) pair is
+    written straight into its rows of the result. The pairs run as tasks on ``threads`` threads, the
+    costliest first (the classification of the 20x20 map is most of the work).
+    """
+    n, dtype = len(maps[0]), maps[0].dtype
+    out, tasks = {}, []
+    for key, head in heads.items():
+        boxes = [x.shape[1] * x.shape[2] * block.conv.out_channels // block.columns for x, block in zip(maps, head)]
+        out[key] = np.empty((n, sum(boxes), head[0].columns), dtype)
+        for x, block, start, count in zip(maps, head, np.cumsum([0] + boxes), boxes):
+            macs = x[0].size * (block.depthwise.kernel ** 2 + block.conv.out_channels)
+            tasks.append((macs, partial(_predict_fast, x, block, prepared, out[key][:, start:start + count])))
+    with blas_threads(1):
+        run_tasks([task for _, task in sorted(tasks, key=lambda t: -t[0])], threads)
+    return out
+
+
+def _predict_fast(x, block, prepared, out):
+    """One PredictionBlock on NHWC x: 3x3 depthwise + bias + ReLU6, 1x1 conv + bias, into out (N, H W A, columns)."""
+    weight, bias = prepared.depthwise(block.depthwise)
+    y = F.depthwise_conv2d(x, weight, padding=block.depthwise.padding)
+    y += bias
+    F.relu6(y, y)
+    weight, bias, _ = prepared.pointwise(block.conv)
+    out[...] = F.conv1x1(y, weight, bias).reshape(out.shape)
 
 
 def candidates(scores, score_threshold=SCORE_THRESHOLD, topk=TOPK_CANDIDATES):
@@ -350,8 +371,7 @@ class SSDLite(Network):
         engine = self.engine()
         outputs = engine.run(x, taps=self.taps, threads=self.threads, layout="NHWC")
         maps = [outputs[name] for name in self.taps]
-        with blas_threads(self.threads):
-            raw = {key: head_outputs_fast(maps, head, engine.prepared) for key, head in self.heads.items()}
+        raw = head_outputs_fast(maps, self.heads, engine.prepared, self.threads)
         if not return_intermediates:
             return raw
         return raw, {name: np.ascontiguousarray(m.transpose(0, 3, 1, 2)) for name, m in zip(self.taps, maps)}
