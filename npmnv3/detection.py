@@ -118,7 +118,7 @@ class PredictionBlock:
 
 def prediction_block(name, in_channels, boxes, columns):
     return PredictionBlock(name, Conv(f"{name}.0", in_channels, in_channels, 3, groups=in_channels, activation="RE6"),
-                           plain_conv(f"{name}", in_channels, boxes * columns, part="1"), columns)
+                           plain_conv(name, in_channels, boxes * columns, part="1"), columns)
 
 
 def scoring_head(name, channels, columns, boxes=BOXES_PER_LOCATION):

@@ -294,6 +294,22 @@ def test_builder_takes_the_classes_and_the_dtype_from_the_weights(tmp_path):
         npmnv3.ssdlite320_mobilenet_v3_large(num_classes=0)
 
 
+def test_the_detector_runs_with_torch_unimportable(tmp_path):
+    script = f"""
+import sys
+sys.modules["torch"] = None
+sys.modules["torchvision"] = None
+import numpy as np, npmnv3
+npmnv3.ssdlite320_mobilenet_v3_large(seed=1).save({str(tmp_path / "d.npz")!r})
+model = npmnv3.ssdlite320_mobilenet_v3_large(weights={str(tmp_path / "d.npz")!r})
+print(len(npmnv3.detect(np.zeros((40, 50, 3), np.uint8), model=model, score_threshold=0)))
+print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision") and sys.modules[k] is not None))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["300", "[]"]       # torchvision's init: flat scores, 300 detections
+
+
 def test_random_weights_are_torchvisions_init():
     net = npmnv3.ssdlite320_mobilenet_v3_large(seed=4)
     for key, value in net.params.items():
@@ -301,7 +317,7 @@ def test_random_weights_are_torchvisions_init():
             assert abs(value.std() - 0.03) < (0.01 if value.size < 1000 else 0.002), key
 
 
-def test_summary_totals_and_map_shapes_are_torchvisions():
+def test_summary_totals_and_map_shapes_are_torchvisions(capsys):
     tm, net = torch_model(), model()
     result = npmnv3.summary(net, 320, print_table=False)
     assert result["total_params"] == sum(p.numel() for p in tm.parameters())
@@ -315,6 +331,9 @@ def test_summary_totals_and_map_shapes_are_torchvisions():
     assert [rows[name]["output_shape"] for name in net.taps] == [tuple(m.shape[1:]) for m in maps]
     assert rows["head.classification_head.module_list.0"]["output_shape"] == (6 * 91, 20, 20)
     assert rows["backbone.features.0.13"]["params"] == 112 * 672 + 2 * 672
+    from npmnv3.cli import main
+    assert main(["summary", "--arch", ARCH, "--size", "320"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[1:] == ["3,440,060", "583,171,904"]
 
 
 # --------------------------------------------------------------------------- detect() and the command line
