@@ -33,7 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# case: (model, batch, input size)
+# case: (model, batch, input size); the detector's (H, W) is a photograph's, which it resizes to 320 x 320 itself
 CASES = {
     "large1": ("mobilenet_v3_large", 1, 224),
     "large32": ("mobilenet_v3_large", 32, 224),
@@ -43,9 +43,11 @@ CASES = {
     "deeplabv3_1": ("deeplabv3_mobilenet_v3_large", 1, 520),
     "int8_1": ("quantized_mobilenet_v3_large", 1, 224),
     "int8_32": ("quantized_mobilenet_v3_large", 32, 224),
+    "detect1": ("ssdlite320_mobilenet_v3_large", 1, (480, 640)),
 }
 QUANTIZED = "quantized_mobilenet_v3_large"
 SEGMENTERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
+DETECTOR = "ssdlite320_mobilenet_v3_large"    # timed from image to boxes: transform, network, postprocess
 TOLERANCE = 1e-4        # max |diff| / max(1, max |torchvision|) before anything is timed
 
 
@@ -54,6 +56,8 @@ TOLERANCE = 1e-4        # max |diff| / max(1, max |torchvision|) before anything
 def torch_network(arch):
     """torchvision's network ``arch`` without weights (the segmentation ones: the official layout, aux head included)."""
     import torchvision
+    if arch == DETECTOR:
+        return torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
     if arch in SEGMENTERS:
         options = {"aux_loss": True} if arch.startswith("deeplab") else {}
         return getattr(torchvision.models.segmentation, arch)(weights=None, weights_backbone=None, **options)
@@ -67,7 +71,9 @@ def make_weights(arch, folder):
     import torchref
     if arch == QUANTIZED:
         return make_quantized_weights(folder)
-    if arch in SEGMENTERS:
+    if arch == DETECTOR:
+        model = torchref.random_detection_model(seed=0)
+    elif arch in SEGMENTERS:
         model = torchref.random_segmentation_model(arch, seed=0, **({"aux_loss": True} if arch.startswith("deeplab")
                                                                      else {}))
     else:
@@ -116,8 +122,45 @@ def example_input(batch, size):
     return interpolate(rng.uniform(-2, 2, (batch, 3, 5, 6)), (size, size)).astype(np.float32)
 
 
+def example_image(size):
+    """The detector's input: a (3, H, W) float32 image in [0, 1], smooth random colours with pixel noise
+    (as ``torchref.textured_images``, made with NumPy: npmnv3's process never imports torch)."""
+    import numpy as np
+    from npmnv3.kernels import interpolate
+    rng = np.random.default_rng(0)
+    smooth = interpolate(rng.uniform(0, 1, (1, 3, 5, 6)), size)[0]
+    return np.clip(smooth + 0.3 * (rng.random((3, *size)) - 0.5), 0, 1).astype(np.float32)
+
+
+def detections(found):
+    """One image's detections as one (K, 6) array: box, score, label."""
+    import numpy as np
+    return np.concatenate([np.asarray(found["boxes"]), np.asarray(found["scores"])[:, None],
+                           np.asarray(found["labels"])[:, None]], axis=1)
+
+
+def build_detector(system, folder, size):
+    """A callable running ``system``'s detector from one image to its boxes."""
+    image = example_image(size)
+    if system == "npmnv3":
+        import npmnv3
+        model = npmnv3.ssdlite320_mobilenet_v3_large(weights=os.path.join(folder, f"{DETECTOR}.npz"))
+        return (lambda: detections(model([image])[0])), model
+    import torch
+    model = torch_network(DETECTOR).eval()
+    model.load_state_dict(torch.load(os.path.join(folder, f"{DETECTOR}.pth")))
+    images = [torch.from_numpy(image)]
+
+    def forward():
+        with torch.inference_mode():
+            return detections(model(images)[0])
+    return forward, model
+
+
 def build(system, arch, folder, batch, size):
     """A callable running one forward pass of ``system`` on the case's input."""
+    if arch == DETECTOR:
+        return build_detector(system, folder, size)
     x = example_input(batch, size)
     if system == "npmnv3-float":
         import npmnv3
@@ -266,7 +309,7 @@ def main(argv=None):
         for arch in sorted({CASES[c][0] for c in cases}):
             code = f"import sys; sys.path.insert(0, {HERE!r}); import bench; bench.make_weights({arch!r}, {folder!r})"
             subprocess.run([sys.executable, "-c", code], check=True)
-            if "ort" in systems:
+            if "ort" in systems and arch != DETECTOR:
                 code = f"import sys; sys.path.insert(0, {HERE!r}); import bench; bench.export_onnx({arch!r}, {folder!r})"
                 if subprocess.run([sys.executable, "-c", code], capture_output=True).returncode != 0:
                     print("(ONNX Runtime left out: the export failed)", file=sys.stderr)
@@ -274,7 +317,8 @@ def main(argv=None):
         int8_rows = []
         for case in cases:
             quantized = CASES[case][0] == QUANTIZED
-            case_systems = ["npmnv3", "torch", "npmnv3-float"] if quantized else systems
+            case_systems = ["npmnv3", "torch", "npmnv3-float"] if quantized else \
+                [s for s in systems if not (s == "ort" and CASES[case][0] == DETECTOR)]
             medians = {s: [] for s in case_systems}
             for r in range(args.rounds):
                 for system in case_systems:
@@ -282,7 +326,8 @@ def main(argv=None):
                 if r == 0:      # every system's output on the case's input, against torchvision's
                     ref = np.load(os.path.join(folder, f"out-torch-{case}.npy"))
                     for system in (s for s in case_systems if s != "npmnv3-float"):
-                        err = rel_err(np.load(os.path.join(folder, f"out-{system}-{case}.npy")), ref)
+                        out = np.load(os.path.join(folder, f"out-{system}-{case}.npy"))
+                        err = rel_err(out, ref) if out.shape == ref.shape else float("inf")
                         if err > TOLERANCE:
                             raise SystemExit(f"{case}: {system} disagrees with torchvision ({err:.1e})")
             ratio = statistics.median(medians["npmnv3"]) / statistics.median(medians["torch"])
@@ -297,7 +342,7 @@ def main(argv=None):
     for case, medians, ratio in rows:
         line = f"| {case} | {fmt(medians['npmnv3'])} | {fmt(medians['torch'])} | {ratio:.2f} |"
         if "ort" in systems:
-            line += f" {fmt(medians['ort'])} |"
+            line += f" {fmt(medians['ort'])} |" if medians["ort"] else " - |"
         print(line)
     if int8_rows:
         print("\n| case | npmnv3 int8 ms/img | torch int8 (qnnpack) ms/img | npmnv3 float ms/img | int8 / torch | "

@@ -3,6 +3,7 @@
     model = npmnv3.mobilenet_v3_large(weights="DEFAULT")   # official ImageNet weights, no torch
     npmnv3.predict("photo.jpg")                            # top-5 labels and probabilities
     npmnv3.quantized_mobilenet_v3_large(weights="DEFAULT") # torchvision's int8 network, in integers
+    npmnv3.detect("photo.jpg")                             # COCO objects: boxes, labels, scores
 """
 
 from .errors import DownloadError, ImageError, StateDictError, WeightsFormatError
@@ -14,7 +15,9 @@ from .serialization import load_state_dict, save_state_dict
 from .summary import summary
 from .segment import segment
 from .segmentation import LRASPP, DeepLabV3
-from .weights import OFFICIAL as OFFICIAL_WEIGHTS, build, build_quantized, build_segmenter, get_weights
+from .detect import detect
+from .detection import SSDLite
+from .weights import OFFICIAL as OFFICIAL_WEIGHTS, build, build_detector, build_quantized, build_segmenter, get_weights
 
 __version__ = "0.1.0"
 
@@ -87,3 +90,18 @@ def quantized_mobilenet_v3_large(weights=None, *, num_classes=None, seed=0, thre
     """
     return build_quantized(weights, num_classes=num_classes, seed=seed, threads=threads, offline=offline,
                            progress=progress)
+
+
+def ssdlite320_mobilenet_v3_large(weights=None, *, num_classes=None, dtype=None, seed=0, threads=None, offline=None,
+                                  progress=None):
+    """SSDLite320 object detection on MobileNetV3-Large (the paper's Section 6.2), as torchvision's
+    ``ssdlite320_mobilenet_v3_large(weights_backbone=None)`` builds it (reduced tail, BN eps 0.001).
+
+    weights: None (random: torchvision's init, every conv N(0, 0.03)), "DEFAULT" (= "COCO_V1": the 91
+    COCO category slots), or a path to a ``.pth`` or ``.npz`` file. ``num_classes`` defaults to the
+    weights' (else 91); other arguments as for ``mobilenet_v3_large``. ``model(images)`` takes a list
+    of (3, H, W) float arrays in [0, 1] and returns per image ``{"boxes", "scores", "labels"}``;
+    ``model.forward_raw(x)`` the heads' outputs on a normalised (N, 3, 320, 320) batch.
+    """
+    return build_detector(weights, num_classes=num_classes, dtype=dtype, seed=seed, threads=threads, offline=offline,
+                          progress=progress)

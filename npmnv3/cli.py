@@ -1,4 +1,5 @@
-"""The ``npmnv3`` command line (also ``python -m npmnv3``): ``predict``, ``segment``, ``summary``, ``evaluate``.
+"""The ``npmnv3`` command line (also ``python -m npmnv3``): ``predict``, ``segment``, ``detect``, ``summary``,
+``evaluate``.
 
 Errors print one line naming the file or argument at fault and exit with status 1, no traceback;
 usage errors exit with status 2 (argparse's). Output cut short by a closed pipe (``| head``)
@@ -15,11 +16,13 @@ import npmnv3
 from npmnv3 import weights as W
 from npmnv3.config import ARCHS
 from npmnv3.errors import StateDictError
+from npmnv3.detect import detect, draw_detections
 from npmnv3.predict import DEFAULT_ARCH, classify, find_labelled_images, recipe
 from npmnv3.segment import ARCHS as SEGMENTATION_ARCHS, mask_image, overlay, segment
 
 ARCH_CHOICES = list(ARCHS)
 SEGMENTERS = list(SEGMENTATION_ARCHS)
+DETECTORS = [W.DETECTOR]
 SAMPLE = "grace_hopper.jpg"
 
 
@@ -35,6 +38,17 @@ def sample_image():
         raise CommandError("no IMAGE given, and the sample photograph comes with matplotlib, which is not "
                            "installed: pip install matplotlib, or name an image") from exc
     return cbook.get_sample_data(SAMPLE, asfileobj=False)
+
+
+def unit_float(text):
+    """argparse type: a number from 0 to 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
 
 
 def positive_int(text):
@@ -102,10 +116,24 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run_segment)
 
+    p = commands.add_parser("detect", help="objects (the 80 COCO categories) in images: boxes, labels, scores",
+                            description="Detect objects in each image with SSDLite320 on MobileNetV3-Large: print "
+                                        "each detection's label, score and box (x1, y1, x2, y2 in the image's "
+                                        "pixels); with --out, write each image with its boxes drawn. The first run "
+                                        "downloads the official weights (14 MB) to the cache.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--threshold", type=unit_float, default=0.5, metavar="SCORE",
+                   help="report detections scoring above this (default 0.5)")
+    p.add_argument("--weights", default="DEFAULT", metavar="NAME|PATH", help="DEFAULT (COCO_V1), or a .pth / .npz file")
+    p.add_argument("--offline", action="store_true", help="never use the network (as NPMNV3_OFFLINE=1)")
+    p.add_argument("--out", metavar="DIR", help="write IMAGE.detections.png, the image with its boxes drawn, here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run_detect)
+
     p = commands.add_parser("summary", help="per-layer table: output shape, params, MACs",
                             description="Print the per-layer table of output shapes, parameters and "
                                         "multiply-accumulates (random weights: only the shapes matter).")
-    p.add_argument("--arch", choices=ARCH_CHOICES + SEGMENTERS, default=DEFAULT_ARCH,
+    p.add_argument("--arch", choices=ARCH_CHOICES + SEGMENTERS + DETECTORS, default=DEFAULT_ARCH,
                    help="network (default mobilenet_v3_large)")
     p.add_argument("--size", type=positive_int, default=224, metavar="N", help="input height and width (default 224)")
     p.add_argument("--quantized", action="store_true",
@@ -178,6 +206,18 @@ def check_images(paths):
     return [(path, _image_problem(path)) for path in paths]
 
 
+def require_images(paths):
+    """Raise the first image's problem, if any (``check_images``)."""
+    for _, problem in check_images(paths):
+        if problem is not None:
+            raise problem
+
+
+def out_stem(folder, path):
+    """Where a command writes what it made of image ``path`` in ``folder``: the folder and the image's stem."""
+    return os.path.join(folder, os.path.splitext(os.path.basename(path))[0])
+
+
 def _image_problem(path):
     try:
         npmnv3.images.check_image(path)
@@ -240,9 +280,7 @@ def run_predict(args):
 
 
 def run_segment(args):
-    for path, problem in check_images(args.images):
-        if problem is not None:
-            raise problem
+    require_images(args.images)
     weights = args.weights
     if weights != "DEFAULT" and not W.is_official_name(args.arch, weights) and os.path.exists(weights):
         net = W.build_segmenter(args.arch, weights)
@@ -255,7 +293,7 @@ def run_segment(args):
         result = segment(path, model=net)
         entry = dict(image=str(path), labels=result["labels"], fractions=result["fractions"])
         if args.out:
-            stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
+            stem = out_stem(args.out, path)
             mask_image(result["mask"]).save(stem + ".mask.png")
             overlay(path, result["mask"]).save(stem + ".overlay.png")
             entry.update(mask=stem + ".mask.png", overlay=stem + ".overlay.png")
@@ -269,6 +307,31 @@ def run_segment(args):
             print(f"  {name:<16} {100 * entry['fractions'][name]:6.2f}%")
         if args.out:
             print(f"  wrote {entry['mask']} and {entry['overlay']}")
+    return 0
+
+
+def run_detect(args):
+    require_images(args.images)
+    net = W.build_detector(args.weights, offline=_offline(args))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    entries = []
+    for path in args.images:
+        entry = dict(image=str(path), detections=detect(path, model=net, score_threshold=args.threshold))
+        if args.out:
+            entry["drawing"] = out_stem(args.out, path) + ".detections.png"
+            draw_detections(path, entry["detections"]).save(entry["drawing"])
+        entries.append(entry)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for entry in entries:
+        print(f"{entry['image']}: {len(entry['detections'])} detections above {args.threshold:g}")
+        for rank, found in enumerate(entry["detections"], 1):
+            box = ", ".join(f"{v:.1f}" for v in found["box"])
+            print(f"  {rank:3d}. {found['label']:<16} {found['score']:.3f}  [{box}]")
+        if args.out:
+            print(f"  wrote {entry['drawing']}")
     return 0
 
 

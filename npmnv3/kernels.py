@@ -417,10 +417,10 @@ def interpolate(x, size, align_corners=False):
     out_h, out_w = size
     h0, h1, wh0, wh1 = resize_source(x.shape[2], out_h, x.dtype, align_corners)
     w0, w1, ww0, ww1 = resize_source(x.shape[3], out_w, x.dtype, align_corners)
-    rows = x[..., w0] * ww0 + x[..., w1] * ww1          # (N, C, H, W_out)
-    out = rows[:, :, h0]                                  # (N, C, H_out, W_out); in place from here
+    rows = np.take(x, w0, axis=3) * ww0 + np.take(x, w1, axis=3) * ww1    # (N, C, H, W_out)
+    out = np.take(rows, h0, axis=2)                       # (N, C, H_out, W_out); in place from here
     out *= wh0[:, None]                                   # (the same floats as rows[h0] * wh0 + rows[h1] * wh1,
-    bottom = rows[:, :, h1]                               # with two large temporaries fewer)
-    bottom *= wh1[:, None]
+    bottom = np.take(rows, h1, axis=2)                    # with two large temporaries fewer; np.take gathers
+    bottom *= wh1[:, None]                                # faster than x[..., index])
     out += bottom
     return out

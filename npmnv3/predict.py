@@ -78,6 +78,16 @@ def recipe(net, resize_size=None, crop_size=None):
                 mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)))
 
 
+def as_batch(images):
+    """``(single, batch)``: whether ``images`` is one image rather than a list (or tuple) of them, and the
+    images as a list. An empty list raises ImageError."""
+    single = not isinstance(images, (list, tuple))
+    batch = [images] if single else list(images)
+    if not batch:
+        raise ImageError("images: expected an image or a non-empty list of images, got an empty list")
+    return single, batch
+
+
 def progress_bar(done, total, stream, what="images"):
     """One ``\\r`` line: ``[#####.....] done/total images``, ended by a newline when complete."""
     width = 30
@@ -162,10 +172,7 @@ def predict(images, model=None, weights="DEFAULT", topk=5, batch_size=16, exif_t
     ImageError
         A bad image, named by its path or its index in the list.
     """
-    single = not isinstance(images, (list, tuple))
-    batch = [images] if single else list(images)
-    if not batch:
-        raise ImageError("images: expected an image or a non-empty list of images, got an empty list")
+    single, batch = as_batch(images)
     _check_positive(batch_size, "batch_size")
     net = get_model(model, weights, offline=offline, quantized=quantized)
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= net.num_classes:

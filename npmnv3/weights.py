@@ -10,8 +10,11 @@ SHA-256 (``hub.fetch``; downloaded once into ``hub.cache_dir()`` or found in tor
     lraspp_mobilenet_v3_large       COCO_WITH_VOC_LABELS_V1    lraspp_mobilenet_v3_large-d234d4ea.pth        520, no crop
     deeplabv3_mobilenet_v3_large    COCO_WITH_VOC_LABELS_V1    deeplabv3_mobilenet_v3_large-fc3c493d.pth     520, no crop
     quantized_mobilenet_v3_large    IMAGENET1K_QNNPACK_V1      quantized/mobilenet_v3_large_qnnpack-5bcacf28.pth  256
+    ssdlite320_mobilenet_v3_large   COCO_V1                    ssdlite320_mobilenet_v3_large_coco-a79551df.pth
 
-The classifiers crop 224 after resizing; all use ImageNet's mean and std. No full SHA-256 of the
+The classifiers crop 224 after resizing; they and the segmenters use ImageNet's mean and std. The
+detector takes images in [0, 1] as they are (no mean and std: ``mean`` 0, ``std`` 1): it resizes
+them to 320 x 320 and normalises them itself (``detection.transform``). No full SHA-256 of the
 quantized file is on record: it is checked as torch hub checks it, by the prefix in its name
 (``5bcacf28``), its size not pinned.
 """
@@ -28,6 +31,8 @@ from .serialization import load_metadata, load_state_dict
 
 CLASSIFICATION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification"
 SEGMENTATION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/segmentation"
+DETECTION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/detection#ssdlite320-mobilenetv3-large"
+DETECTOR = "ssdlite320_mobilenet_v3_large"
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Weights:
 
     ``metrics`` are the published numbers as ((name, value), ...); ``labels`` names the class-name
     list ("imagenet", "voc", "coco"); ``crop_size`` None means no crop (the segmentation recipe).
+    ``resize_size`` is the short side the recipe resizes to (the detector: its fixed 320 x 320).
     """
 
     arch: str
@@ -114,10 +120,14 @@ OFFICIAL = {
         "quantized_mobilenet_v3_large", "IMAGENET1K_QNNPACK_V1", "mobilenet_v3_large_qnnpack-5bcacf28.pth", None,
         None, 256, (("acc@1", 73.004), ("acc@5", 90.858)), subfolder="quantized/",
         recipe="https://github.com/pytorch/vision/tree/main/references/classification#qat-mobilenetv3"),
+    (DETECTOR, "COCO_V1"): Weights(
+        DETECTOR, "COCO_V1", "ssdlite320_mobilenet_v3_large_coco-a79551df.pth", 14_069_355,
+        "a79551df90c79834bcd3bb3845ef9d966b5449a3a9b2833ae8404778ca5d65d2", 320, (("box_map", 21.3),),
+        crop_size=None, labels="coco", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), recipe=DETECTION_RECIPE),
 }
 DEFAULT = {"mobilenet_v3_large": "IMAGENET1K_V2", "mobilenet_v3_small": "IMAGENET1K_V1",
            "lraspp_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1",
-           "deeplabv3_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1",
+           "deeplabv3_mobilenet_v3_large": "COCO_WITH_VOC_LABELS_V1", DETECTOR: "COCO_V1",
            "quantized_mobilenet_v3_large": "IMAGENET1K_QNNPACK_V1"}
 
 
@@ -280,4 +290,18 @@ def build_quantized(weights=None, *, num_classes=None, seed=0, threads=None, off
     from .quantized import QuantizedMobileNetV3
     state_dict, meta = resolve("quantized_mobilenet_v3_large", weights, offline=offline, progress=progress)
     model = QuantizedMobileNetV3(num_classes=num_classes or classes_in(state_dict), seed=seed, threads=threads)
+    return load_into(model, state_dict, meta)
+
+
+def build_detector(weights=None, *, num_classes=None, dtype=None, seed=0, threads=None, offline=None,
+                   progress=None):
+    """Build ``"ssdlite320_mobilenet_v3_large"`` and load ``weights`` (as ``resolve`` takes them).
+    ``num_classes`` defaults to the weights' (91 for the official ones, background and "N/A" slots
+    included), else 91."""
+    from .detection import BOXES_PER_LOCATION, SSDLite
+    state_dict, meta = resolve(DETECTOR, weights, offline=offline, progress=progress)
+    if num_classes is None:
+        rows = classes_in(state_dict, 91 * BOXES_PER_LOCATION, "head.classification_head.module_list.0.1.weight")
+        num_classes = rows // BOXES_PER_LOCATION
+    model = SSDLite(num_classes=num_classes, dtype=dtype_of(meta, dtype), seed=seed, threads=threads)
     return load_into(model, state_dict, meta)

@@ -23,7 +23,8 @@ from nbclient.exceptions import CellExecutionError  # noqa: E402
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 SERIES = ["01_activations", "02_convolution", "03_squeeze_excite", "04_bneck_and_network",
-          "05_end_to_end", "06_agreement", "07_exercises", "08_segmentation", "10_quantization"]
+          "05_end_to_end", "06_agreement", "07_exercises", "08_segmentation", "09_detection",
+          "10_quantization"]
 CELL_TIMEOUT = 300   # seconds per cell
 
 

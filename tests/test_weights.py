@@ -22,13 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def torchvision_enums():
+    import torchvision.models.detection as det
     import torchvision.models.segmentation as seg
     from torchvision.models import quantization
     return {"mobilenet_v3_large": torchvision.models.MobileNet_V3_Large_Weights,
             "mobilenet_v3_small": torchvision.models.MobileNet_V3_Small_Weights,
             "lraspp_mobilenet_v3_large": seg.LRASPP_MobileNet_V3_Large_Weights,
             "deeplabv3_mobilenet_v3_large": seg.DeepLabV3_MobileNet_V3_Large_Weights,
-            "quantized_mobilenet_v3_large": quantization.MobileNet_V3_Large_QuantizedWeights}
+            "quantized_mobilenet_v3_large": quantization.MobileNet_V3_Large_QuantizedWeights,
+            "ssdlite320_mobilenet_v3_large": det.SSDLite320_MobileNet_V3_Large_Weights}
 
 
 def test_registry_matches_torchvision():
@@ -41,9 +43,13 @@ def test_registry_matches_torchvision():
         prefix = tv.url.rsplit("-", 1)[1][:8]                            # torchvision's 8-hex prefix
         assert (entry.sha256 or npmnv3.hub.hash_prefix(entry.filename)).startswith(prefix)
         assert (entry.sha256 is None) == (entry.size is None)          # a size is pinned only with the full hash
-        assert entry.resize_size == transforms.resize_size[0]
-        assert entry.crop_size == (transforms.crop_size[0] if hasattr(transforms, "crop_size") else None)
-        assert entry.mean == tuple(transforms.mean) and entry.std == tuple(transforms.std)
+        if hasattr(transforms, "resize_size"):
+            assert entry.resize_size == transforms.resize_size[0]
+            assert entry.crop_size == (transforms.crop_size[0] if hasattr(transforms, "crop_size") else None)
+            assert entry.mean == tuple(transforms.mean) and entry.std == tuple(transforms.std)
+        else:       # the detector's transforms only scale to [0, 1]: the model resizes and normalises
+            assert type(transforms).__name__ == "ObjectDetection"
+            assert (entry.resize_size, entry.crop_size, entry.mean, entry.std) == (320, None, (0.0,) * 3, (1.0,) * 3)
         (dataset, published), = tv.meta["_metrics"].items()
         assert dict(entry.metrics) == published, dataset
         assert entry.meta()["categories"] == tv.meta["categories"]
@@ -168,6 +174,25 @@ def test_official_segmentation_weights_are_downloaded_with_their_recipe(mirror):
         ref = deeplab(torch.from_numpy(x))
     out = model(x)
     assert rel_err(out["out"], ref["out"].numpy()) < 1e-4 and rel_err(out["aux"], ref["aux"].numpy()) < 1e-4
+
+
+def test_official_detection_weights_are_downloaded_with_their_class_names(mirror, tmp_path):
+    import torchref
+    detector = torchref.random_detection_model(seed=5)
+    entry = mirror("ssdlite320_mobilenet_v3_large", "COCO_V1", detector)
+    assert entry.filename == "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"
+    model = npmnv3.ssdlite320_mobilenet_v3_large(weights="DEFAULT", progress=False)
+    assert model.meta["weights"] == "COCO_V1" and model.meta["box_map"] == 21.3 and model.num_classes == 91
+    assert model.meta["categories"][:2] == ["__background__", "person"] and model.meta["categories"][12] == "N/A"
+    assert _Handler.requests == [f"/models/{entry.filename}"]
+    assert npmnv3.ssdlite320_mobilenet_v3_large(weights="COCO_V1").meta["weights"] == "COCO_V1"   # from the cache
+    assert len(_Handler.requests) == 1
+    images = list(torchref.textured_images(1, 120, 90))
+    with torch.no_grad():
+        ref = detector(images)[0]
+    ours = model([images[0].numpy()])[0]
+    assert ours["labels"].tolist() == ref["labels"].tolist()
+    np.testing.assert_allclose(ours["boxes"], ref["boxes"].numpy(), atol=1e-2)
 
 
 def test_large_v1_and_v2_carry_their_preprocessing(mirror):

@@ -229,3 +229,56 @@ def quantized_features_and_logits(qmodel, x, engine="qnnpack"):
         t = qmodel.classifier(torch.flatten(qmodel.avgpool(t), 1))
         logits = qmodel.dequant(t).numpy().copy()
     return logits, feats
+
+
+def textured_images(count, height, width, seed=0, noise=0.3):
+    """A batch (count, 3, height, width) of images in [0, 1] for a detector: ``smooth_images`` mapped into
+    [0, 1], plus uniform pixel noise of amplitude ``noise`` (texture: on smooth images alone a random
+    depthwise conv mostly cancels itself, and float32 rounding grows through the layers)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    texture = noise * (torch.rand(count, 3, height, width, generator=g) - 0.5)
+    return ((smooth_images(count, height, width, seed) + 2) / 4 + texture).clamp(0, 1)
+
+
+class DetectorHeads(torch.nn.Module):
+    """A torchvision SSD's backbone and heads as one module: normalised (N, 3, H, W) batch -> the heads'
+    ``{"bbox_regression", "cls_logits"}`` (no transform, no postprocess; runs in train mode too)."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x):
+        return self.detector.head(list(self.detector.backbone(x).values()))
+
+
+def random_detection_model(seed=0, num_classes=91, logit_std=4.0, background=20.0, calibration_images=16):
+    """torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)`` in eval mode, with
+    random weights under which the detections depend on the image.
+
+    torchvision's own init (every conv N(0, 0.03), BN statistics 0 and 1) makes the head outputs
+    nearly the same for every image (they vary by about 1e-8). Here the conv weights are drawn
+    variance-preserving instead (N(0, 2 / fan_in)), and the BatchNorm statistics are measured on
+    ``calibration_images`` textured images at 320 x 320 (``textured_images``; the 1x1 last map needs
+    many to give its BatchNorms a variance) and perturbed (``calibrate``). The classification head's
+    last convs are then scaled so that its logits have a standard deviation of ``logit_std`` on those
+    images, and ``background`` is added to the background logit of every default box: as in a trained
+    detector most boxes are background, a few hundred (box, class) pairs per image score above
+    torchvision's 0.001, and their scores are peaked rather than all near 1 / num_classes.
+    """
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+    torch.manual_seed(seed)
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
+        images = model.transform(list(textured_images(calibration_images, 320, 320, seed)))[0].tensors
+        heads = calibrate(DetectorHeads(model), images, seed)
+        factor = logit_std / float(heads(images)["cls_logits"].std())
+        for block in model.head.classification_head.module_list:
+            block[1].weight *= factor
+            block[1].bias *= factor
+            block[1].bias[::num_classes] += background       # channel a * num_classes: box a's background
+    return model.eval()
