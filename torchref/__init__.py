@@ -14,6 +14,29 @@ import torch
 import torchvision
 
 
+def fresh_batch_norms(model):
+    """Give every BatchNorm2d of ``model`` random affine parameters (weight in [0.5, 1.5], bias N(0, 0.25))
+    and reset its statistics to be measured as a cumulative average (one batch in train mode sets
+    them exactly). Returns the BatchNorms."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.weight.copy_(torch.empty(bn.num_features).uniform_(0.5, 1.5))
+        bn.bias.copy_(0.25 * torch.randn(bn.num_features))
+        bn.momentum = None
+        bn.reset_running_stats()
+    return bns
+
+
+def perturb_statistics(bns):
+    """Shift measured running means by 0.1 std and scale the variances by 0.8-1.25 at random (so that
+    they are not exactly the batch's), and give each a random ``num_batches_tracked``."""
+    for bn in bns:
+        c = bn.num_features
+        bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn(c)
+        bn.running_var *= torch.empty(c).uniform_(0.8, 1.25)
+        bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+
+
 def random_model(arch, seed=0, **options):
     """A torchvision MobileNetV3 (``arch``: "mobilenet_v3_large" or "mobilenet_v3_small") in eval mode,
     with random weights that make every layer matter.
@@ -27,13 +50,8 @@ def random_model(arch, seed=0, **options):
     """
     torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)(**options)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
-        for bn in bns:
-            bn.weight.copy_(torch.empty(bn.num_features).uniform_(0.5, 1.5))
-            bn.bias.copy_(0.25 * torch.randn(bn.num_features))
-            bn.momentum = None      # cumulative average: one batch sets the statistics exactly
-            bn.reset_running_stats()
+        bns = fresh_batch_norms(model)
         for name, p in model.named_parameters():
             if ".fc1.bias" in name or ".fc2.bias" in name:
                 p.normal_(0.0, 0.5)
@@ -43,11 +61,7 @@ def random_model(arch, seed=0, **options):
         model.train()
         model(torch.randn(8, 3, 64, 64))
         model.eval()
-        for bn in bns:
-            c = bn.num_features
-            bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn(c)
-            bn.running_var *= torch.empty(c).uniform_(0.8, 1.25)
-            bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+        perturb_statistics(bns)
     return model
 
 
@@ -85,24 +99,15 @@ def calibrate(model, inputs, seed=0):
     model in eval mode. With statistics set so, the output depends on the image (randomised
     statistics alone make the network ignore its input and give every pixel the same class)."""
     torch.manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
-        for bn in bns:
-            bn.weight.copy_(torch.empty(bn.num_features).uniform_(0.5, 1.5))
-            bn.bias.copy_(0.25 * torch.randn(bn.num_features))
-            bn.momentum = None
-            bn.reset_running_stats()
+        bns = fresh_batch_norms(model)
         for m in model.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
                 m.bias.normal_(0.0, 0.5)
         model.train()
         model(inputs)
         model.eval()
-        for bn in bns:
-            c = bn.num_features
-            bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn(c)
-            bn.running_var *= torch.empty(c).uniform_(0.8, 1.25)
-            bn.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+        perturb_statistics(bns)
     return model
 
 
