@@ -389,7 +389,7 @@ def add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_
 
 # --------------------------------------------------------------------------- global average pooling
 
-def _pool_multiplier(scale, count):
+def pool_multiplier(scale, count):
     """s_x / (s_y * count) with s_y = s_x, in float32: close to 1 / count, and not always equal to it."""
     return F32(F32(scale) / F32(F32(scale) * F32(count)))
 
@@ -401,10 +401,10 @@ def global_avg_pool_naive(q, zero_point, scale):
 
         y = clamp(rint(float32(sum (q - zp)) * (s / (s * H * W))) + zp, 0, 255)
 
-    The float32 multiplier ``_pool_multiplier`` is what decides the many exact ties (sum / count
+    The float32 multiplier ``pool_multiplier`` is what decides the many exact ties (sum / count
     ending in .5): it is a hair below or above 1 / count depending on the scale."""
     n_batch, channels, height, width = np.shape(q)
-    m = _pool_multiplier(scale, height * width)
+    m = pool_multiplier(scale, height * width)
     out = np.empty((n_batch, channels), np.uint8)
     for n in range(n_batch):
         for c in range(channels):
@@ -417,4 +417,4 @@ def global_avg_pool(q, zero_point, scale):
     """Vectorised ``global_avg_pool_naive``: (N, C, H, W) -> (N, C)."""
     count = q.shape[2] * q.shape[3]
     total = q.sum(axis=(2, 3), dtype=np.int64) - int(zero_point) * count
-    return requantize(total, _pool_multiplier(scale, count), zero_point)
+    return requantize(total, pool_multiplier(scale, count), zero_point)

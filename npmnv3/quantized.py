@@ -22,18 +22,21 @@ Converting, as ``torch.ao.quantization.convert`` does (``convert``):
 - biases in the accumulator's units, and each layer's requantization multiplier, from the scale of
   the tensor that flows into it.
 
-Running (``QuantizedMobileNetV3.__call__``): float NCHW input is quantized with the ``quant`` stub's
-scale and zero point; from there every layer takes and returns a ``qkernels.QTensor`` (uint8 values,
-scale, zero point) until the logits are dequantized. The readable functions below mirror
-``model.py``'s: ``quantized_conv``, ``quantized_squeeze_excite``, ``quantized_bneck`` (the paper's
-Figure 4), ``quantized_linear``.
+Running, readably (``QuantizedMobileNetV3.forward_reference``): float NCHW input is quantized with
+the ``quant`` stub's scale and zero point; from there every layer takes and returns a
+``qkernels.QTensor`` (uint8 values, scale, zero point) until the logits are dequantized. The
+readable functions below mirror ``model.py``'s: ``quantized_conv``, ``quantized_squeeze_excite``,
+``quantized_bneck`` (the paper's Figure 4), ``quantized_linear``. ``model(x)`` computes the same
+integers by the fast path, ``qengine.py`` (NHWC, centred float32 values, float32 accumulation
+where it is exact).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import numpy as np
 
+from . import qengine as QE
 from . import qkernels as QK
 from .config import BN_FIELDS, Block, Conv, Linear, SqueezeExcite, classifier_layers, mobilenet_v3_features
 from .model import keep
@@ -193,11 +196,13 @@ class QuantizedLayer:
 @dataclass(frozen=True)
 class QuantizedNetwork:
     """Everything ``convert`` made from one version of the parameters: ``layers`` by record name
-    (``QuantizedLayer``, the SE gate's and multiply's and the residual add's ``QParams``)."""
+    (``QuantizedLayer``, the SE gate's and multiply's and the residual add's ``QParams``); ``fast``:
+    the same network in the fast path's layout (``qengine.FastNetwork``, made by the model's ``engine()``)."""
 
     version: int
     input: QParams
     layers: dict
+    fast: object = None
 
 
 def fold_batch_norm(conv_weight, running_mean, running_var, weight, bias, eps):
@@ -430,7 +435,8 @@ class QuantizedMobileNetV3(Network):
         return None, None
 
     def make_engine(self):
-        return convert(self.features, self.classifier, self.params, self.params.version)
+        network = convert(self.features, self.classifier, self.params, self.params.version)
+        return replace(network, fast=QE.prepare(self.features, self.classifier, network))
 
     def layer_table(self, height, width):
         """``summary``'s rows, each with the bytes of its weights in int8 (int32 biases, float32 scales) and in float32."""
@@ -440,23 +446,39 @@ class QuantizedMobileNetV3(Network):
         return rows
 
     def __call__(self, x, return_intermediates=False):
-        """Dequantized logits for a batch of float images, computed in integers.
+        """Dequantized logits for a batch of float images, computed in integers by the fast path.
 
         x: (N, 3, H, W) float array (normalised as ``npmnv3.preprocess`` does). Returns float32 logits
         (N, num_classes), or ``(logits, features)`` with ``return_intermediates``: ``features`` maps each
         ``"features.i"`` to its ``qkernels.QTensor`` (uint8 NCHW values, scale, zero point).
 
-        BLAS runs on one thread (the many small float64 products gain nothing from more); with
-        ``threads`` > 1 a batch is cut into chunks of ``CHUNK`` images run on that many threads.
+        The fast path (``qengine.py``: NHWC, centred float32 integers, float32 accumulation where it is
+        exact) gives the same integers as ``forward_reference``. BLAS runs on one thread (the many
+        small products gain nothing from more); with ``threads`` > 1 a batch is cut into chunks of
+        ``CHUNK`` images run on that many threads.
         """
-        x = check_input(x, np.float32)
         network = self.engine()
+        return self._run_chunks(x, return_intermediates, lambda chunk, outputs: QE.run(
+            chunk, self.features, self.classifier, network.fast, outputs))
+
+    def forward_reference(self, x, return_intermediates=False):
+        """The same as ``model(x)`` computed by the readable functions (NCHW, uint8 tensors, the
+        vectorised ``qkernels``): ``quantized_conv``, ``quantized_bneck``, ... (see ``run_quantized``)."""
+        network = self.engine()
+        return self._run_chunks(x, return_intermediates, lambda chunk, outputs: run_quantized(
+            chunk, self.features, self.classifier, network, outputs))
+
+    def _run_chunks(self, x, return_intermediates, forward):
+        """``forward(chunk, outputs)`` -> logits on chunks of the batch, on ``threads`` threads, BLAS on one;
+        the logits and (with ``return_intermediates``) each ``features.i`` of all chunks joined."""
+        x = check_input(x, np.float32)
         chunks = [x[i:i + CHUNK] for i in range(0, len(x), CHUNK)]
         results = [None] * len(chunks)
 
         def task(i):
             def run():
-                results[i] = run_quantized(chunks[i], self.features, self.classifier, network, return_intermediates)
+                outputs = {} if return_intermediates else None
+                results[i] = forward(chunks[i], outputs), outputs
             return run
 
         with blas_threads(1):
@@ -472,17 +494,15 @@ class QuantizedMobileNetV3(Network):
 CHUNK = 4       # images per task when a batch is split over threads
 
 
-def run_quantized(x, features, classifier, network, return_intermediates=False):
-    """The integer forward pass of one batch: ``(logits, {"features.i": QTensor} or None)``.
-
-    x: (N, 3, H, W) float32 -> dequantized float32 logits (N, classes)."""
-    outputs = {} if return_intermediates else None
+def run_quantized(x, features, classifier, network, outputs=None):
+    """The readable integer forward pass of one batch: x (N, 3, H, W) float32 -> dequantized float32
+    logits (N, classes); ``outputs``, when given, receives each ``"features.i"`` QTensor."""
     q = QK.QTensor(QK.quantize(x, *network.input), *network.input)
-    q = forward_features(q, features, network.layers, outputs)
-    logits = classify(q, classifier, network.layers).dequantize()
-    if not return_intermediates:
-        return logits, None
-    return logits, {layer.name: outputs[layer.name] for layer in features}
+    recorded = {} if outputs is not None else None
+    q = forward_features(q, features, network.layers, recorded)
+    if outputs is not None:
+        outputs.update((layer.name, recorded[layer.name]) for layer in features)
+    return classify(q, classifier, network.layers).dequantize()
 
 
 def layer_bytes(name, network):

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 import npmnv3
+from npmnv3 import qengine as QE
 from npmnv3 import qkernels as QK
+from npmnv3.config import Conv
 from npmnv3.errors import StateDictError
+from npmnv3.quantized import QParams, QuantizedLayer, quantized_conv
 
 torch = pytest.importorskip("torch")
 import torchref  # noqa: E402
@@ -18,6 +21,7 @@ F32 = np.float32
 MIN_EXACT = 0.999          # share of each features.i's integers equal to torch's
 MAX_LOGIT_STEPS = 2        # dequantized logits: at most this many output steps from torch's
 INPUTS = {"224 batch 1": (1, 224, 224), "97x131 batch 3": (3, 97, 131)}
+SAME_INPUTS = dict(INPUTS, **{"224 batch 3": (3, 224, 224), "97x131 batch 1": (1, 97, 131), "65x33 batch 2": (2, 65, 33)})
 
 
 def saved(tmp_path_factory, qat_model, name):
@@ -70,8 +74,21 @@ def check_agreement(model, torch_model, x):
 
 
 def inputs(label, seed=7):
-    n, h, w = INPUTS[label]
+    n, h, w = SAME_INPUTS[label]
     return torchref.smooth_images(n, h, w, seed).numpy()
+
+
+def assert_same_integers(fast, reference):
+    """model(x) and model.forward_reference(x), both with their intermediates: equal to the bit."""
+    (logits, feats), (ref_logits, ref_feats) = fast, reference
+    assert list(feats) == list(ref_feats) == [f"features.{i}" for i in range(17)]
+    for name, ref in ref_feats.items():
+        got = feats[name]
+        assert got.values.dtype == ref.values.dtype == np.uint8 and got.values.shape == ref.values.shape, name
+        assert (got.scale, got.zero_point) == (ref.scale, ref.zero_point), name
+        np.testing.assert_array_equal(got.values, ref.values, err_msg=name)
+    assert logits.dtype == ref_logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, ref_logits)
 
 
 @pytest.mark.slow
@@ -88,6 +105,68 @@ def test_qat_end_state_file_agrees_with_torch_qnnpack(trained, label):
     path, torch_model = trained
     model = npmnv3.quantized_mobilenet_v3_large(weights=path, threads=1)
     check_agreement(model, torch_model, inputs(label, seed=8))
+
+
+@pytest.mark.parametrize("label", SAME_INPUTS)
+def test_fast_path_gives_the_readable_paths_integers_in_every_layer(calibrated, trained, label):
+    for seed, (path, _) in enumerate((calibrated, trained)):
+        model = npmnv3.quantized_mobilenet_v3_large(weights=path)
+        x = inputs(label, seed=seed)
+        assert_same_integers(model(x, return_intermediates=True), model.forward_reference(x, return_intermediates=True))
+        np.testing.assert_array_equal(model(x), model.forward_reference(x))
+
+
+def test_layers_accumulate_in_float32_only_below_two_to_the_24(calibrated):
+    path, _ = calibrated
+    network = npmnv3.quantized_mobilenet_v3_large(weights=path).engine()
+    for name, layer in network.fast.layers.items():
+        if isinstance(layer, QE.FastLayer):
+            bound = QK.accumulator_bound(network.layers[name].weight, network.layers[name].bias).max()
+            assert layer.weight.dtype == layer.bias.dtype == (np.float32 if bound < 2 ** 24 else np.float64), name
+            if layer.kind == "depthwise":       # 9 or 25 taps: 255 * 127 * 25 < 2**23
+                assert layer.weight.dtype == np.float32, name
+
+
+def wide_layer(channels=1024, outputs=4):
+    """A 1x1 conv whose accumulator passes 2**24 on the way: weights 127 on every channel but the first
+    (weight 1), a bias that brings the sum back near 0, M = 1. On inputs 255 but for channel 0 the
+    output is x[0] + 5 * o, exact only if no partial sum was rounded (float32 rounds above 2**24)."""
+    weight = np.full((outputs, channels, 1, 1), 127, np.int8)
+    weight[:, 0] = 1
+    bias = -127 * 255 * (channels - 1) - 128 + 5 * np.arange(outputs, dtype=np.int64)
+    return QuantizedLayer(weight=weight, weight_scale=F32(0.01), bias=bias, weight64=weight.astype(np.float64),
+                          bias64=bias.astype(np.float64), multiplier=F32(1), output=QParams(F32(0.01), 128))
+
+
+def test_a_layer_above_two_to_the_24_accumulates_in_float64_and_stays_exact():
+    q = wide_layer()
+    record = Conv("wide", in_channels=1024, out_channels=4)
+    layer = QE.fast_layer(q, record)
+    assert QK.accumulator_bound(q.weight, q.bias).max() > 2 ** 24 and layer.weight.dtype == np.float64
+    values = np.full((2, 1024, 5, 6), 255, np.uint8)
+    values[:, 0] = np.random.default_rng(3).integers(100, 140, (2, 5, 6))
+    reference = quantized_conv(QK.QTensor(values, F32(0.02), 0), record, q)
+    np.testing.assert_array_equal(reference.values, values[:, :1] + 5 * np.arange(4)[:, None, None])
+    centred = np.ascontiguousarray(values.transpose(0, 2, 3, 1)).astype(F32)          # zero point 0
+    fast = QE.conv(centred, layer)
+    np.testing.assert_array_equal(fast + F32(128), reference.values.transpose(0, 2, 3, 1))
+    in_float32 = QE.FastLayer("matmul", layer.weight.astype(F32), layer.bias.astype(F32), layer.requantize)
+    assert not np.array_equal(QE.conv(centred, in_float32), fast), "float32 would have been exact here"
+
+
+def test_network_with_a_layer_above_two_to_the_24_runs_it_in_float64_and_matches_the_readable_path(calibrated):
+    """classifier.0's first row at the observed extreme (int8 +-127 on 960 inputs: 255 * 127 * 960 > 2**24)."""
+    path, _ = calibrated
+    state_dict = dict(npmnv3.load_state_dict(path))
+    weight = state_dict["classifier.0.weight"].copy()
+    weight[0] = np.sign(weight[0]) * np.abs(weight).max()
+    model = npmnv3.quantized_mobilenet_v3_large()
+    model.load_state_dict(dict(state_dict, **{"classifier.0.weight": weight}))
+    network = model.engine()
+    assert QK.accumulator_bound(network.layers["classifier.0"].weight, network.layers["classifier.0"].bias).max() > 2 ** 24
+    assert network.fast.layers["classifier.0"].weight.dtype == np.float64
+    x = inputs("97x131 batch 3")
+    assert_same_integers(model(x, return_intermediates=True), model.forward_reference(x, return_intermediates=True))
 
 
 def test_state_dict_layout_is_torchvisions_qat_model():
