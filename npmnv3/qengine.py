@@ -5,13 +5,14 @@ What is stored how, and why it stays exact:
 
 - Activations are NHWC float32 arrays holding *centred* integers ``c = q - zero_point`` (the
   readable path's uint8 ``q`` minus its zero point, so ``|c| <= 255``: exact in float32). A
-  convolution reads them as they are, with no conversion or centring pass, and the zero padding of
-  ``fast_kernels`` stands for the zero point, as a quantized convolution's padding does.
+  convolution reads them as they are, with no conversion or centring pass; zero padding stands for
+  the zero point, as a quantized convolution's padding does. The layer before a k x k conv writes
+  its output into the middle of a zero-bordered map (``padded``), so that nothing pads by copying.
 - Each conv or linear layer keeps its int8 weights and int32 bias as float32 or float64 arrays in
   ``fast_kernels``' layouts, the accumulation type chosen once per layer (``accumulation_dtype``):
   every partial sum of ``bias_q + sum_k w_q[k] * c[k]``, in any order, is an integer of magnitude at
   most ``qkernels.accumulator_bound`` (255 * sum |w_q| + |bias_q|). Below 2**24 float32 holds each
-  exactly, so float32 BLAS / einsum (half the memory of float64, twice the GEMM speed) gives the
+  exactly, so float32 BLAS / einsum (half the memory traffic of float64, and faster) gives the
   integers an int32 kernel gives; otherwise the layer accumulates in float64 (exact below 2**53;
   ``quantize_layer`` refuses weights whose accumulator could pass 2**31 - 1).
 - Requantizing is ``qkernels.requantize``'s float32 steps, ``float32(acc) * M`` then ``rint``, with
@@ -59,6 +60,12 @@ class Requantize:
     high: np.float32
     zero_point: int
     table: Optional[np.ndarray] = None
+
+
+def requantizer(multiplier, zero_point, low=0, table=None):
+    """The ``Requantize`` to a uint8 tensor with ``zero_point``, clamped to [low, 255] (low = the zero
+    point for a fused ReLU), in centred values."""
+    return Requantize(F32(multiplier), F32(low - zero_point), F32(QK.UINT8_MAX - zero_point), zero_point, table)
 
 
 @dataclass(frozen=True)
@@ -121,9 +128,8 @@ def centred_table(table, zero_point):
 def requantization(q):
     """The ``Requantize`` of a ``quantized.QuantizedLayer`` (with its hard-swish table, if any)."""
     zero_point = q.output.zero_point
-    low = zero_point if q.relu else QK.UINT8_MIN
     hard_swish = centred_table(q.table, q.activation.zero_point) if q.table is not None else None
-    return Requantize(F32(q.multiplier), F32(low - zero_point), F32(QK.UINT8_MAX - zero_point), zero_point, hard_swish)
+    return requantizer(q.multiplier, zero_point, zero_point if q.relu else QK.UINT8_MIN, hard_swish)
 
 
 def fast_layer(q, conv=None):
@@ -162,7 +168,7 @@ def prepare(features, classifier, network):
                 layers[conv.name] = FastSqueezeExcite(
                     x.scale, x.zero_point, fast_layer(fc1), fast_layer(fc2),
                     network.layers[f"{conv.name}.gate"].astype(F32),
-                    Requantize(multiply, F32(-out.zero_point), F32(QK.UINT8_MAX - out.zero_point), out.zero_point))
+                    requantizer(multiply, out.zero_point))
                 x = out
             else:
                 q = network.layers[conv.name]
@@ -180,38 +186,65 @@ def prepare(features, classifier, network):
 
 # --------------------------------------------------------------------------- the forward pass
 
-def requantize(acc, r):
-    """``Requantize`` ``r`` on an accumulator (float32 arrays are changed in place): centred float32."""
+def requantize(acc, r, out=None):
+    """``Requantize`` ``r`` on an accumulator, into ``out`` (default: in place; float64 accumulators are
+    first rounded to float32, as ``qkernels.requantize`` does): centred float32."""
     y = acc if acc.dtype == F32 else acc.astype(F32)
-    y *= r.multiplier
-    np.rint(y, out=y)
-    FK.clip(y, r.low, r.high, out=y)
+    out = y if out is None else out
+    np.multiply(y, r.multiplier, out=out)
+    np.rint(out, out=out)
+    FK.clip(out, r.low, r.high, out=out)
     if r.table is not None:
-        lookup(r.table, y, r.zero_point, out=y)
-    return y
+        lookup(r.table, out, r.zero_point, out=out)
+    return out
 
 
 def lookup(table, y, offset, out):
-    """``out = table[y + offset]`` for centred float32 ``y`` (integers, the sum inside the table)."""
+    """``out = table[y + offset]`` for centred float32 ``y`` (integers, their sum with ``offset`` inside
+    the table: ``mode="clip"`` never clips here, it only spares NumPy's checked copy of ``out``)."""
     index = np.add(y, offset, out=np.empty(y.shape, np.intp), casting="unsafe")
     return np.take(table, index, out=out, mode="clip")
 
 
 def accumulate(x, layer):
-    """A layer's accumulator (in its accumulation dtype) for centred NHWC (or (N, C)) input ``x``."""
+    """A layer's accumulator (in its accumulation dtype) for centred NHWC (or (N, C)) input ``x``; the
+    input of a k x k layer comes zero-padded by ``layer.padding`` (see ``padded``)."""
     x = x.astype(layer.weight.dtype, copy=False)
     if layer.kind == "depthwise":
-        acc = FK.depthwise_conv2d(x, layer.weight, layer.stride, layer.padding, layer.dilation)
+        acc = FK.depthwise_conv2d(x, layer.weight, layer.stride, 0, layer.dilation)
     elif layer.kind == "conv":
-        acc = FK.conv2d(x, layer.weight, None, layer.kernel, layer.stride, layer.padding, layer.dilation)
+        acc = FK.conv2d(x, layer.weight, None, layer.kernel, layer.stride, 0, layer.dilation)
     else:
         acc = np.matmul(x.reshape(-1, x.shape[-1]), layer.weight).reshape(*x.shape[:-1], -1)
     acc += layer.bias
     return acc
 
 
-def conv(x, layer):
-    """One conv or linear layer: accumulate, requantize, activation."""
+def padded(shape, pad):
+    """An uninitialised NHWC map with a zero border of ``pad``: (buffer, its middle of ``shape``)."""
+    n, h, w, c = shape
+    out = np.empty((n, h + 2 * pad, w + 2 * pad, c), F32)
+    if pad == 0:
+        return out, out
+    for border in (out[:, :pad], out[:, -pad:], out[:, pad:-pad, :pad], out[:, pad:-pad, -pad:]):
+        border[...] = 0
+    return out, out[:, pad:-pad, pad:-pad]
+
+
+def conv(x, layer, pad=0):
+    """One conv layer on a centred NHWC map: accumulate, requantize, activation. With ``pad``, the
+    output is written into the middle of a map zero-padded by ``pad`` (the next depthwise layer's
+    input, so that no copy pads it); returns that padded map."""
+    acc = accumulate(x, layer)
+    if pad == 0:
+        return requantize(acc, layer.requantize)
+    out, middle = padded(acc.shape, pad)
+    requantize(acc, layer.requantize, out=middle)
+    return out
+
+
+def linear(x, layer):
+    """One linear layer (or 1x1 conv on a 1x1 map) on centred (N, C) values."""
     return requantize(accumulate(x, layer), layer.requantize)
 
 
@@ -221,19 +254,18 @@ def average_pool(x, scale, zero_point):
     count = h * w
     dtype = F32 if QK.UINT8_MAX * count < FLOAT32_EXACT else np.float64
     total = x.reshape(n, count, c).sum(axis=1, dtype=dtype)
-    low, high = F32(QK.UINT8_MIN - zero_point), F32(QK.UINT8_MAX - zero_point)
-    return requantize(total, Requantize(QK.pool_multiplier(scale, count), low, high, zero_point))
+    return requantize(total, requantizer(QK.pool_multiplier(scale, count), zero_point))
 
 
 def squeeze_excite(x, se):
     """The SE block on centred NHWC ``x``: pool, fc1 + ReLU, fc2, hard-sigmoid gate, ``qkernels.mul``."""
-    e = conv(conv(average_pool(x, se.scale, se.zero_point), se.fc1), se.fc2)
+    e = linear(linear(average_pool(x, se.scale, se.zero_point), se.fc1), se.fc2)
     gate = lookup(se.gate, e, se.fc2.requantize.zero_point, out=e)          # (N, C), zero point 0
     return requantize(x * gate[:, None, None, :], se.multiply)
 
 
 def residual_add(a, b, add):
-    """``qkernels.add`` of centred a and b by its table."""
+    """``qkernels.add`` of centred a and b by its table, at index 256 * q_a + q_b."""
     index = a * F32(256)
     index += b
     return lookup(add.table, index, 256 * add.a_zero_point + add.b_zero_point, out=index)
@@ -241,18 +273,23 @@ def residual_add(a, b, add):
 
 def bneck(x, block, layers):
     """One bneck block on centred NHWC ``x``, as ``quantized.quantized_bneck``."""
-    y = x
-    for sub in block.layers:
-        y = squeeze_excite(y, layers[sub.name]) if isinstance(sub, SqueezeExcite) else conv(y, layers[sub.name])
+    pad = layers[block.depthwise.name].padding
+    y = FK.pad(x, pad) if block.expand is None else conv(x, layers[block.expand.name], pad)
+    y = conv(y, layers[block.depthwise.name])
+    if block.se is not None:
+        y = squeeze_excite(y, layers[block.se.name])
+    y = conv(y, layers[block.project.name])
     return residual_add(x, y, layers[block.name]) if block.residual else y
 
 
-def quantize_input(x, scale, zero_point):
-    """``qkernels.quantize`` of float NCHW ``x``, centred and NHWC."""
+def quantize_input(x, scale, zero_point, pad):
+    """``qkernels.quantize`` of float NCHW ``x``, centred, NHWC and zero-padded by ``pad`` (for the stem)."""
     y = x * (F32(1) / F32(scale))
     np.rint(y, out=y)
     FK.clip(y, F32(QK.UINT8_MIN - zero_point), F32(QK.UINT8_MAX - zero_point), out=y)
-    return np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+    out, middle = padded(y.transpose(0, 2, 3, 1).shape, pad)
+    middle[...] = y.transpose(0, 2, 3, 1)
+    return out
 
 
 def uint8_nchw(y, zero_point):
@@ -264,7 +301,7 @@ def run(x, features, classifier, network, outputs=None):
     """The forward pass of one batch: x (N, 3, H, W) float32 -> dequantized float32 logits (N, classes).
 
     ``outputs``, when given, receives each ``"features.i"`` as a ``qkernels.QTensor`` (uint8 NCHW)."""
-    y = quantize_input(x, *network.input)
+    y = quantize_input(x, *network.input, network.layers[features[0].name].padding)
     for record in features:
         if isinstance(record, Block):
             y = bneck(y, record, network.layers)
@@ -275,5 +312,5 @@ def run(x, features, classifier, network, outputs=None):
             outputs[record.name] = QK.QTensor(uint8_nchw(y, zero_point), scale, zero_point)
     y = average_pool(y, *network.outputs[features[-1].name])
     for layer in classifier:
-        y = conv(y, network.layers[layer.name])
+        y = linear(y, network.layers[layer.name])
     return y * network.logit_scale

@@ -40,6 +40,7 @@ from . import qengine as QE
 from . import qkernels as QK
 from .config import BN_FIELDS, Block, Conv, Linear, SqueezeExcite, classifier_layers, mobilenet_v3_features
 from .model import keep
+from .engine import chunk_bounds
 from .engine.parallel import run_tasks
 from .network import Network, check_input
 from .summary import layer_costs
@@ -454,8 +455,10 @@ class QuantizedMobileNetV3(Network):
 
         The fast path (``qengine.py``: NHWC, centred float32 integers, float32 accumulation where it is
         exact) gives the same integers as ``forward_reference``. BLAS runs on one thread (the many
-        small products gain nothing from more); with ``threads`` > 1 a batch is cut into chunks of
-        ``CHUNK`` images run on that many threads.
+        small products gain nothing from more); with ``threads`` > 1 a batch of two or more images is
+        cut into an even number of chunks of at most ``CHUNK`` images run on that many threads (one
+        image runs on one thread: handing half of each layer's rows to a second thread costs about
+        as much as it saves).
         """
         network = self.engine()
         return self._run_chunks(x, return_intermediates, lambda chunk, outputs: QE.run(
@@ -472,7 +475,7 @@ class QuantizedMobileNetV3(Network):
         """``forward(chunk, outputs)`` -> logits on chunks of the batch, on ``threads`` threads, BLAS on one;
         the logits and (with ``return_intermediates``) each ``features.i`` of all chunks joined."""
         x = check_input(x, np.float32)
-        chunks = [x[i:i + CHUNK] for i in range(0, len(x), CHUNK)]
+        chunks = [x[start:stop] for start, stop in chunk_bounds(len(x), CHUNK)]
         results = [None] * len(chunks)
 
         def task(i):

@@ -39,11 +39,11 @@ MAX_SHAPES = 16         # input shapes whose plans are kept
 MAX_FREE_PLANS = 4      # plans kept per shape (more are made when more calls overlap)
 
 
-def chunk_bounds(n):
-    """[(start, stop)] cutting a batch of n into an even number of chunks of at most CHUNK images."""
+def chunk_bounds(n, size=CHUNK):
+    """[(start, stop)] cutting a batch of n into an even number of chunks of at most ``size`` images."""
     if n == 1:
         return [(0, 1)]
-    count = min(n, 2 * -(-n // (2 * CHUNK)))
+    count = min(n, 2 * -(-n // (2 * size)))
     bounds = [n * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
