@@ -494,7 +494,8 @@ class QuantizedMobileNetV3(Network):
         return logits, features
 
 
-CHUNK = 4       # images per task when a batch is split over threads
+CHUNK = 3       # images per task at most (2 and 4 measured slower; at 4 the largest temporaries are
+                # returned to the OS and faulted in again on every call)
 
 
 def run_quantized(x, features, classifier, network, outputs=None):

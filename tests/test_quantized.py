@@ -21,7 +21,8 @@ F32 = np.float32
 MIN_EXACT = 0.999          # share of each features.i's integers equal to torch's
 MAX_LOGIT_STEPS = 2        # dequantized logits: at most this many output steps from torch's
 INPUTS = {"224 batch 1": (1, 224, 224), "97x131 batch 3": (3, 97, 131)}
-SAME_INPUTS = dict(INPUTS, **{"224 batch 3": (3, 224, 224), "97x131 batch 1": (1, 97, 131), "65x33 batch 2": (2, 65, 33)})
+SAME_INPUTS = dict(INPUTS, **{"224 batch 3": (3, 224, 224), "97x131 batch 1": (1, 97, 131),
+                              "65x33 batch 2": (2, 65, 33)})
 
 
 def saved(tmp_path_factory, qat_model, name):
@@ -163,7 +164,8 @@ def test_network_with_a_layer_above_two_to_the_24_runs_it_in_float64_and_matches
     model = npmnv3.quantized_mobilenet_v3_large()
     model.load_state_dict(dict(state_dict, **{"classifier.0.weight": weight}))
     network = model.engine()
-    assert QK.accumulator_bound(network.layers["classifier.0"].weight, network.layers["classifier.0"].bias).max() > 2 ** 24
+    head = network.layers["classifier.0"]
+    assert QK.accumulator_bound(head.weight, head.bias).max() > 2 ** 24
     assert network.fast.layers["classifier.0"].weight.dtype == np.float64
     x = inputs("97x131 batch 3")
     assert_same_integers(model(x, return_intermediates=True), model.forward_reference(x, return_intermediates=True))
