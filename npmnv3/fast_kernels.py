@@ -247,17 +247,19 @@ def resize(x, size, align_corners=False):
     return out
 
 
-def resize_nchw(x, size, align_corners=False):
+def resize_nchw(x, size, align_corners=False, out=None):
     """``kernels.interpolate`` (the same floats) for a large NCHW output, one (H_out, W_out) plane at a
     time: the temporaries are one plane each and reused, where whole-array temporaries would cost
-    more in page faults than the arithmetic itself."""
+    more in page faults than the arithmetic itself. ``out``: an (N, C, H_out, W_out) array to fill
+    (e.g. a slice of channels of a larger one, for threads that each resize some channels)."""
     n, c, height, width = x.shape
     out_h, out_w = size
     h0, h1, wh0, wh1 = resize_source(height, out_h, x.dtype, align_corners)
     w0, w1, ww0, ww1 = resize_source(width, out_w, x.dtype, align_corners)
     rows = x[..., w0] * ww0
     rows += x[..., w1] * ww1                              # (N, C, H, W_out)
-    out = np.empty((n, c, out_h, out_w), x.dtype)
+    if out is None:
+        out = np.empty((n, c, out_h, out_w), x.dtype)
     top, bottom = np.empty((2, out_h, out_w), x.dtype)
     for i in range(n):
         for k in range(c):

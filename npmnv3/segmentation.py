@@ -22,6 +22,7 @@ on the fast engine and the head with the fast kernels. Both return torchvision's
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from . import fast_kernels as F
 from . import kernels as K
 from .config import Conv, bneck_settings, mobilenet_v3_features
 from .engine import Engine
+from .engine.parallel import run_tasks
 from .model import conv_bn_act, forward_features
 from .network import Network, check_input
 from .summary import layer_costs
@@ -195,6 +197,18 @@ def _dense(prepared, conv, x):
     return _activate(y, conv.activation)
 
 
+def resize_on_threads(x, size, threads):
+    """``fast_kernels.resize_nchw`` of x (N, C, h, w) to ``size``, its channels shared out over ``threads``
+    threads (the same floats: each channel is resized on its own)."""
+    n, c = x.shape[:2]
+    out = np.empty((n, c, *size), x.dtype)
+    count = min(threads, c)
+    cuts = [c * i // count for i in range(count + 1)]
+    run_tasks([partial(F.resize_nchw, x[:, a:b], size, out=out[:, a:b]) for a, b in zip(cuts[:-1], cuts[1:])],
+              count)
+    return out
+
+
 def _to_nchw(x):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
@@ -260,7 +274,7 @@ class _Segmenter(Network):
         taps = engine.run(x, taps=self.taps, threads=self.threads, layout="NHWC")
         low, high = (taps[name] for name in self.taps)
         with blas_threads(1):
-            result = {name: F.resize_nchw(_to_nchw(y), x.shape[2:])
+            result = {name: resize_on_threads(_to_nchw(y), x.shape[2:], self.threads)
                       for name, y in self._heads_fast(low, high, engine.prepared).items()}
         if not return_intermediates:
             return result

@@ -11,17 +11,23 @@ work; ``threads`` in the readable path) and restores the previous count when the
 when it raises. This goes through ``threadpoolctl``. The count is process-wide while it is held:
 NumPy code in other threads at that moment gets the same limit. Calls that overlap in time hold
 the smallest count any of them asked for, and the count is restored when the last one ends.
+
+While npmnv3's own threads share a pass, ``switch_interval`` holds Python's thread switch interval
+(``sys.setswitchinterval``) at ``SWITCH_INTERVAL`` the same way: between its NumPy calls each
+thread needs the GIL for a few microseconds, and with Python's default of 5 ms a thread that
+asks for it while the other runs Python code can wait that long.
 """
 
 import contextlib
 import os
+import sys
 import threading
 
 from threadpoolctl import ThreadpoolController
 
+SWITCH_INTERVAL = 5e-4     # seconds: Python's thread switch interval while npmnv3's threads run
+
 _lock = threading.Lock()
-_requests = []          # the counts asked for by the blocks running now
-_saved = None           # [(library controller, its count before the first block)]
 _blas = None            # a threadpoolctl controller for the BLAS libraries, found on first use
 
 
@@ -56,30 +62,60 @@ def _set(lib, count):
         release()
 
 
-def _apply():
-    global _blas, _saved
+class _Held:
+    """A process-wide setting held, while any ``hold`` block runs, at the smallest value asked for, and
+    restored when the last block ends (also when it raises). ``get()`` reads the setting, ``put(v)``
+    sets it; both are called under ``_lock``."""
+
+    def __init__(self, get, put):
+        self.get, self.put = get, put
+        self.requests, self.saved = [], None
+
+    def _apply(self):
+        if self.requests:
+            if self.saved is None:
+                self.saved = self.get()
+            self.put(min(self.requests))
+        elif self.saved is not None:
+            self.put(self.saved)
+            self.saved = None
+
+    @contextlib.contextmanager
+    def hold(self, value):
+        with _lock:
+            self.requests.append(value)
+            self._apply()
+        try:
+            yield
+        finally:
+            with _lock:
+                self.requests.remove(value)
+                self._apply()
+
+
+def _blas_libraries():
+    global _blas
     if _blas is None:
         _blas = ThreadpoolController().select(user_api="blas").lib_controllers
-    if _requests:
-        if _saved is None:
-            _saved = [(lib, lib.get_num_threads()) for lib in _blas]
-        for lib in _blas:
-            _set(lib, min(_requests))
-    elif _saved is not None:
-        for lib, count in _saved:
-            _set(lib, count)
-        _saved = None
+    return _blas
 
 
-@contextlib.contextmanager
+def _put_blas(count):
+    if isinstance(count, int):
+        count = [count] * len(_blas_libraries())
+    for lib, c in zip(_blas_libraries(), count):
+        _set(lib, c)
+
+
+_blas_count = _Held(lambda: [lib.get_num_threads() for lib in _blas_libraries()], _put_blas)
+_switch = _Held(sys.getswitchinterval, sys.setswitchinterval)
+
+
 def blas_threads(count):
     """Hold NumPy's BLAS at ``count`` threads inside the ``with`` block (see the module docstring)."""
-    with _lock:
-        _requests.append(count)
-        _apply()
-    try:
-        yield
-    finally:
-        with _lock:
-            _requests.remove(count)
-            _apply()
+    return _blas_count.hold(count)
+
+
+def switch_interval(seconds=SWITCH_INTERVAL):
+    """Hold Python's thread switch interval at ``seconds`` inside the ``with`` block (see the module docstring)."""
+    return _switch.hold(seconds)

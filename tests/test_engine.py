@@ -6,6 +6,7 @@ down to maps of 1x1, where the padding is larger than the map.
 """
 
 import functools
+import sys
 import threading
 
 import numpy as np
@@ -183,29 +184,34 @@ def test_results_do_not_depend_on_threads_and_no_thread_outlives_the_call(shape)
     np.testing.assert_array_equal(results[2][0], results[3][0])
 
 
-def test_blas_threads_are_restored_after_a_forward_and_after_a_failing_one(monkeypatch):
+def test_blas_threads_and_switch_interval_are_restored_after_a_forward_and_after_a_failing_one(monkeypatch):
     from npmnv3.engine import plan as plan_module
-    before = blas_thread_counts()
+    before, interval = blas_thread_counts(), sys.getswitchinterval()
+    assert interval != npmnv3.threads.SWITCH_INTERVAL
     model = npmnv3.mobilenet_v3_small(threads=2)
     x = np.random.default_rng(6).standard_normal((3, 3, 64, 64)).astype(np.float32)
     seen = []
-    real = plan_module._linear
+    real = plan_module._bias_act
 
     def spy(*args):
-        seen.append(blas_thread_counts())
+        seen.append((blas_thread_counts(), sys.getswitchinterval()))
         real(*args)
-    monkeypatch.setattr(plan_module, "_linear", spy)
+    monkeypatch.setattr(plan_module, "_bias_act", spy)
     model(x)
-    assert seen and all(counts == [1] * len(counts) for counts in seen)     # held at 1 during the pass
-    assert blas_thread_counts() == before
+    assert seen and all(counts == [1] * len(counts) for counts, _ in seen)     # held at 1 during the pass
+    assert all(s == npmnv3.threads.SWITCH_INTERVAL for _, s in seen)          # the chunks' threads: short
+    assert blas_thread_counts() == before and sys.getswitchinterval() == interval
+    seen.clear()
+    npmnv3.mobilenet_v3_small(threads=1)(x)
+    assert seen and all(s == interval for _, s in seen)                       # one thread: left alone
 
     def fail(*args):
         raise RuntimeError("a layer failed")
-    monkeypatch.setattr(plan_module, "_linear", fail)
+    monkeypatch.setattr(plan_module, "_bias_act", fail)
     for shape in [(3, 3, 48, 48), (1, 3, 48, 48)]:
         with pytest.raises(RuntimeError, match="a layer failed"):
             npmnv3.mobilenet_v3_small(threads=2)(np.zeros(shape, np.float32))
-        assert blas_thread_counts() == before
+        assert blas_thread_counts() == before and sys.getswitchinterval() == interval
 
 
 def test_two_threads_calling_one_model_at_once_get_correct_results():

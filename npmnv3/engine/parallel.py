@@ -19,13 +19,16 @@ wrote, starts a new group, and so does a call that is not cut. Groups estimated 
 one helper thread started for this run: each group's bands are taken one at a time from a shared
 iterator, by whichever thread is free (work stealing), so a late helper never holds the caller
 up; the caller waits only for a band the helper has started. The same bands run whoever runs
-them, so the floats do not depend on the timing. The helper is joined before ``run_steps``
+them, so the floats do not depend on the timing. While threads share the work, Python's switch
+interval is held short (``threads.switch_interval``). The helper is joined before ``run_steps``
 returns, also when a call raises (the first exception is re-raised in the caller).
 """
 
 import threading
 
 import numpy as np
+
+from ..threads import switch_interval
 
 CALLER_SHARE = 0.55     # with two bands the caller's band is the larger: it starts at once
 MIN_GROUP_US = 200.0    # groups estimated cheaper than this run on one thread
@@ -218,6 +221,11 @@ def run_steps(steps, threads=1):
             step()
         return
     run = _Run(groups)
+    with switch_interval():
+        _run_shared(steps, run)
+
+
+def _run_shared(steps, run):
     helper = threading.Thread(target=run.help, name="npmnv3-band", daemon=True)
     helper.start()
     finished = False
@@ -259,12 +267,13 @@ def run_tasks(tasks, threads):
 
     helpers = [threading.Thread(target=worker, name="npmnv3-chunk", daemon=True)
                for _ in range(min(threads, len(tasks)) - 1)]
-    for helper in helpers:
-        helper.start()
-    try:
-        worker()
-    finally:
+    with switch_interval():
         for helper in helpers:
-            helper.join()
+            helper.start()
+        try:
+            worker()
+        finally:
+            for helper in helpers:
+                helper.join()
     if errors:
         raise errors[0]
