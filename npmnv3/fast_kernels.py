@@ -23,7 +23,9 @@ What makes them fast (see ``benchmarks/README.md`` for the measurements):
   over a 6-d view whose inner loop is C;
 - ReLU as ``clip(x, 0, BIG)`` with two finite bounds (with ``None`` NumPy takes a slower path);
 - hard-swish as ``x * (clip(x, -3, 3) + 3)``, which is 6 * hard_swish(x): the engine leaves the
-  1/6 to the next linear layer's weights.
+  1/6 to the next linear layer's weights. Its three passes (and the bias add before them) run over
+  pieces of about ``PIECE`` floats, one after another, so that the piece and the scratch stay in
+  cache between passes instead of each pass streaming the whole map from memory.
 """
 
 import numpy as np
@@ -43,6 +45,8 @@ except ImportError:                             # pragma: no cover - older NumPy
         clip = np.clip
 HS_SCALE = 6.0                          # hard_swish6(x) = HS_SCALE * hard_swish(x)
 PHASE_MIN_WIDTH = 16                    # stride-2 depthwise convs with outputs this wide use phase planes
+PIECE = 65536                           # floats per piece of hard_swish6 (256 KB in float32: fits in L2)
+WHOLE = 4                               # ... which takes arrays of up to this many pieces whole
 
 
 def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
@@ -62,21 +66,41 @@ def relu6(x, out=None):
     return clip(x, 0, 6, out=out)
 
 
-def hard_swish6(x, tmp, out):
-    """``out = x * clip(x + 3, 0, 6)`` = 6 * hard_swish(x); ``tmp`` is scratch of x's shape.
+def hard_swish6(x, out, bias=None, tmp=None):
+    """``out = y * clip(y + 3, 0, 6)`` = 6 * hard_swish(y), where y = x + bias (added to x in place).
 
-    Computed as x * (clip(x, -3, 3) + 3): the same floats (x + 3 is rounded once either way),
-    and the in-place + 3 on the freshly written tmp is cheaper than an add from x."""
-    clip(x, -3, 3, out=tmp)
-    tmp += 3
-    np.multiply(x, tmp, out=out)
+    x: (N, H, ...) C-contiguous, e.g. an NHWC map; out: x's shape, each ``out[n, h]`` contiguous
+    (e.g. the interior of a zero-padded map); bias: None or an array that broadcasts over
+    ``x[n, h]``'s trailing axes ((W, C) for an NHWC map, the (C,) bias tiled along W); tmp: None
+    or scratch of x's shape (only its first piece is used; None: a new piece-sized array). Arrays
+    of fewer than three axes or of at most ``WHOLE`` pieces are taken whole (more calls would cost
+    more than the cache saves).
+
+    Computed as y * (clip(y, -3, 3) + 3): the same floats (y + 3 is rounded once either way), and
+    the in-place + 3 on the freshly written scratch is cheaper than an add from y. The passes run
+    over pieces of rows ``x[n, h0:h1]`` of about ``PIECE`` floats, all with the same scratch.
+    """
+    if x.ndim < 3 or x.size <= WHOLE * PIECE:
+        pieces = [(x, out)]
+        scratch = np.empty_like(x) if tmp is None else tmp
+    else:
+        rows = max(1, PIECE // max(x[0, 0].size, 1))
+        pieces = [(x[n, h:h + rows], out[n, h:h + rows]) for n in range(x.shape[0]) for h in range(0, x.shape[1], rows)]
+        scratch = np.empty(pieces[0][0].shape, x.dtype) if tmp is None else tmp[0, :rows]
+    for y, o in pieces:
+        piece_tmp = scratch[:len(y)]
+        if bias is not None:
+            y += bias
+        clip(y, -3, 3, out=piece_tmp)
+        piece_tmp += 3
+        np.multiply(y, piece_tmp, out=o)
     return out
 
 
 def hard_swish(x):
     """x * relu6(x + 3) / 6, any shape."""
     out = np.empty_like(x)
-    hard_swish6(x, np.empty_like(x), out)
+    hard_swish6(x, out)
     out *= 1 / HS_SCALE
     return out
 

@@ -74,9 +74,27 @@ def test_activations_equal_the_plain_kernels(dtype):
     close(F.relu(x), K.relu(x).astype(np.float64), dtype)
     close(F.relu6(x), np.clip(x.astype(np.float64), 0, 6), dtype)
     close(F.hard_swish(x), K.hard_swish(x.astype(np.float64)), dtype)
-    out, tmp = np.empty_like(x), np.empty_like(x)
-    F.hard_swish6(x, tmp, out)
+    out = np.empty_like(x)
+    F.hard_swish6(x, out)
     np.testing.assert_array_equal(out, x * np.clip(x + 3, 0, 6))       # the same floats as the formula
+
+
+@DTYPES
+@pytest.mark.parametrize("whole", [1, 1000])
+def test_hard_swish6_adds_the_bias_and_writes_a_strided_output_whole_or_in_pieces(dtype, whole, monkeypatch):
+    # pieces of 2 rows of a (3, 7, 5, 4) map: several pieces per image, the last one short; or one piece
+    monkeypatch.setattr(F, "PIECE", 2 * 5 * 4)
+    monkeypatch.setattr(F, "WHOLE", whole)
+    rng = np.random.default_rng(5)
+    x = (4 * rng.standard_normal((3, 7, 5, 4))).astype(dtype)
+    bias = rng.standard_normal((5, 4)).astype(dtype)
+    padded = np.full((3, 9, 7, 4), 7, dtype)
+    y = x.copy()
+    F.hard_swish6(y, padded[:, 1:-1, 1:-1], bias)
+    expected = (x + bias) * np.clip(x + bias + 3, 0, 6)
+    np.testing.assert_array_equal(padded[:, 1:-1, 1:-1], expected)
+    np.testing.assert_array_equal(y, x + bias)                          # the bias is added in place
+    assert (padded[:, 0] == 7).all() and (padded[:, -1] == 7).all() and (padded[:, :, 0] == 7).all()
 
 
 def test_views_do_not_copy():

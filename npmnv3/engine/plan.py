@@ -117,14 +117,13 @@ def _reads_with_1x1(layer):
     return layer is not None and layer.kernel == 1 and layer.groups == 1
 
 
-def _bias_act(y_rows, bias_row, act, y, tmp, out):
+def _bias_act(y_rows, bias_row, act, y, out):
     """y += bias (a tiled row; None: already in), then the activation from y into out.
-    act: "HS" (6 * hard-swish), "RE", "RE6", "copy" (into out), or None (y is out, nothing to do)."""
+    act: "RE", "RE6", "copy" (into out), or None (y is out, nothing to do); hard-swish is
+    ``fast_kernels.hard_swish6``, which adds the bias itself, piece by piece."""
     if bias_row is not None:
         y_rows += bias_row
-    if act == "HS":
-        F.hard_swish6(y, tmp, out)
-    elif act == "RE":
+    if act == "RE":
         F.relu(y, out)
     elif act == "RE6":
         F.relu6(y, out)
@@ -148,12 +147,12 @@ def _se_gate(d3, w1, b1, w2, b2, blocks, partial, total, z, gate):
     F.clip(gate, 0, 1, out=gate)
 
 
-def _linear(x, weight, bias, act, tmp, out):
-    """out = act(x @ weight + bias) for the classifier; ``tmp`` is scratch of out's shape."""
+def _linear(x, weight, bias, act, out):
+    """out = act(x @ weight + bias) for the classifier."""
     np.matmul(x, weight, out=out)
     out += bias
     if act == "HS":
-        F.hard_swish6(out, tmp, out)
+        F.hard_swish6(out, out)
 
 
 def linear_layers(prepared, classifier, scale):
@@ -172,7 +171,7 @@ def classify(prepared, classifier, pooled, scale):
     z = pooled
     for layer, weight, bias in linear_layers(prepared, classifier, scale):
         y = np.empty((len(z), layer.out_features), z.dtype)
-        _linear(z, weight, bias, layer.activation, np.empty_like(y), y)
+        _linear(z, weight, bias, layer.activation, y)
         z = y
     return z
 
@@ -251,16 +250,20 @@ class Plan:
         """Bias (``(C,)``, tiled along W; None: already added) and activation from y into out (may be y).
         Returns the output's scale."""
         n, h, w, c = y.shape
-        tmp = self.arena.get("tmp", y.shape) if act == "HS" else None
         code = act or ("copy" if out is not y else None)
         if bias is None and code is None:
             return 1.0
         bias_row = None if bias is None else np.tile(bias, w)
-        args = [y.reshape(n * h, w * c), bias_row, code, y, tmp, out]
-        cuts = [(0, 0, 1, True), (3, 1, 1, True), (5, 1, 1, True)] + ([(4, 1, 1, True)] if tmp is not None else [])
         passes = (bias is not None) + (3 if act == "HS" else 1)
-        self._add(_bias_act, *args, cuts=cuts, rows=h, cost=_pass_cost(y.size, passes))
-        return F.HS_SCALE if act == "HS" else 1.0
+        if act == "HS":
+            bias_wc = None if bias is None else bias_row.reshape(w, c)
+            tmp = self.arena.get("tmp", y.shape)    # (cut with y: each band has its own scratch)
+            self._add(F.hard_swish6, y, out, bias_wc, tmp, cuts=[(0, 1, 1, True), (1, 1, 1, True), (3, 1, 1, True)],
+                      rows=h, cost=_pass_cost(y.size, passes))
+            return F.HS_SCALE
+        self._add(_bias_act, y.reshape(n * h, w * c), bias_row, code, y, out,
+                  cuts=[(0, 0, 1, True), (3, 1, 1, True), (4, 1, 1, True)], rows=h, cost=_pass_cost(y.size, passes))
+        return 1.0
 
     def _zero_border(self, xp, p):
         """Zero the p-wide border of the (n, Hp, Wp, C) buffer ``xp`` (it is shared with other layers)."""
@@ -492,9 +495,9 @@ class Plan:
         n = z.shape[0]
         for k, (layer, weight, bias) in enumerate(linear_layers(self.prep, classifier, scale)):
             shape = (n, layer.out_features)
-            y, tmp = self.arena.get(f"classifier.{k}", shape), self.arena.get(f"classifier.{k}.tmp", shape)
-            self._add(_linear, z, weight, bias, layer.activation, tmp, y,
-                      cuts=[(1, 1, 1, False), (2, 0, 1, False), (4, 1, 1, True), (5, 1, 1, True)],
+            y = self.arena.get(f"classifier.{k}", shape)
+            self._add(_linear, z, weight, bias, layer.activation, y,
+                      cuts=[(1, 1, 1, False), (2, 0, 1, False), (4, 1, 1, True)],
                       rows=layer.out_features, cost=_pass_cost(weight.size))
             z = y
         return z
