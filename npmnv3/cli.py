@@ -180,8 +180,8 @@ def load_model(args):
         state_dict, meta = npmnv3.load_state_dict(weights), W.meta_for_file(weights)
         found = W.options_in(state_dict, meta)
         if args.arch and found and found["arch"] != args.arch:
-            raise CommandError(f"--weights {weights}: these weights are {found['arch']} ({len(state_dict)} tensors); "
-                               f"drop --arch or pass --arch {found['arch']}")
+            raise CommandError(f"--arch {args.arch} does not fit --weights {weights}: these weights are {found['arch']} "
+                               f"({len(state_dict)} tensors); drop --arch or pass --arch {found['arch']}")
         options = {k: found[k] for k in ("width_mult", "reduced_tail", "dilated", "num_classes", "dtype")
                    if found and k in found}
         try:
@@ -195,9 +195,14 @@ def say_recipe(net, args):
     """Tell once on stderr which preprocessing is used when it is a guess."""
     if net.meta.get("recipe_guessed") and not (args.resize and args.crop):
         r = recipe(net, args.resize, args.crop)
-        print(f"npmnv3: {args.weights} does not say how its images were preprocessed; using torchvision's "
-              f"default recipe: resize {r['resize_size']}, crop {r['crop_size']} (set --resize / --crop)",
-              file=sys.stderr)
+        resize, crop = r["resize_size"], r["crop_size"]
+        if args.resize:
+            used = f"resize {resize} (--resize) and torchvision's default crop {crop} (set --crop)"
+        elif args.crop:
+            used = f"torchvision's default resize {resize} (set --resize) and crop {crop} (--crop)"
+        else:
+            used = f"torchvision's default recipe: resize {resize}, crop {crop} (set --resize / --crop)"
+        print(f"npmnv3: {args.weights} does not say how its images were preprocessed; using {used}", file=sys.stderr)
 
 
 def check_images(paths):

@@ -70,12 +70,14 @@ def test_the_architecture_is_taken_from_the_weights_file(files, torch_files, tmp
 def test_an_arch_that_contradicts_the_weights_is_one_short_line(files, torch_files, tmp_path):
     run = npmnv3_cli("predict", files / "a.png", "--arch", "mobilenet_v3_large", "--weights", torch_files / "small.pth",
                      tmp=tmp_path)
-    one_line_error(run, f"npmnv3 predict: error: --weights {torch_files / 'small.pth'}: these weights are "
-                        "mobilenet_v3_small (244 tensors); drop --arch or pass --arch mobilenet_v3_small")
+    one_line_error(run, f"npmnv3 predict: error: --arch mobilenet_v3_large does not fit --weights "
+                        f"{torch_files / 'small.pth'}: these weights are mobilenet_v3_small (244 tensors); "
+                        "drop --arch or pass --arch mobilenet_v3_small")
     run = npmnv3_cli("predict", files / "a.png", "--arch", "mobilenet_v3_small", "--weights", files / "large.npz",
                      tmp=tmp_path)
-    one_line_error(run, f"npmnv3 predict: error: --weights {files / 'large.npz'}: these weights are "
-                        "mobilenet_v3_large (312 tensors); drop --arch or pass --arch mobilenet_v3_large")
+    one_line_error(run, f"npmnv3 predict: error: --arch mobilenet_v3_small does not fit --weights "
+                        f"{files / 'large.npz'}: these weights are mobilenet_v3_large (312 tensors); "
+                        "drop --arch or pass --arch mobilenet_v3_large")
     assert len(run.stderr) < 300
 
 
@@ -141,6 +143,13 @@ def test_resize_and_crop_options_and_the_guessed_recipe(files, torch_files, tmp_
     assert run.returncode == 0
     assert run.stderr == (f"npmnv3: {torch_files / 'small.pth'} does not say how its images were preprocessed; "
                           "using torchvision's default recipe: resize 256, crop 224 (set --resize / --crop)\n")
+    guess = f"npmnv3: {torch_files / 'small.pth'} does not say how its images were preprocessed; using "
+    run = npmnv3_cli("predict", files / "a.png", "--weights", torch_files / "small.pth", "--resize", 232, tmp=tmp_path)
+    assert run.returncode == 0
+    assert run.stderr == guess + "resize 232 (--resize) and torchvision's default crop 224 (set --crop)\n"
+    run = npmnv3_cli("predict", files / "a.png", "--weights", torch_files / "small.pth", "--crop", 200, tmp=tmp_path)
+    assert run.returncode == 0
+    assert run.stderr == guess + "torchvision's default resize 256 (set --resize) and crop 200 (--crop)\n"
     run = npmnv3_cli("predict", files / "a.png", "--weights", torch_files / "small.pth", "--json",
                      "--resize", 232, "--crop", 200, tmp=tmp_path)
     assert run.returncode == 0 and run.stderr == ""
