@@ -59,6 +59,7 @@ def torch_files(tmp_path_factory):
 
 # --------------------------------------------------------------------------- weights on the command line
 
+@pytest.mark.slow
 def test_the_architecture_is_taken_from_the_weights_file(files, torch_files, tmp_path):
     for weights in (torch_files / "small.pth", files / "small.npz"):
         run = npmnv3_cli("predict", files / "a.png", "--weights", weights, "--json", tmp=tmp_path)
@@ -110,6 +111,7 @@ def test_a_missing_image_is_reported_before_any_weights_are_fetched(tmp_path):
     one_line_error(run, f"npmnv3 predict: error: image file '{tmp_path / 'missing.jpg'}': no such file")
 
 
+@pytest.mark.slow
 def test_keep_going_reports_bad_images_and_classifies_the_rest(files, tmp_path):
     argv = ["predict", files / "a.png", files / "broken.jpg", tmp_path / "missing.jpg", files / "b.jpg",
             "--weights", files / "small.npz"]
@@ -134,6 +136,7 @@ def test_keep_going_reports_bad_images_and_classifies_the_rest(files, tmp_path):
 
 # --------------------------------------------------------------------------- the preprocessing recipe
 
+@pytest.mark.slow
 def test_resize_and_crop_options_and_the_guessed_recipe(files, torch_files, tmp_path):
     pytest.importorskip("torchvision")
     import torch
@@ -182,6 +185,7 @@ def test_output_cut_short_by_a_closed_pipe_ends_quietly(files, tmp_path):
         assert run.stderr == "" and len(run.stdout.splitlines()) == 2, run.stderr
 
 
+@pytest.mark.slow
 def test_version_help_texts_and_usage_errors(tmp_path):
     run = npmnv3_cli("--version")
     assert run.returncode == 0 and run.stdout.strip() == f"npmnv3 {npmnv3.__version__}"

@@ -96,6 +96,7 @@ def test_state_dict_names_and_shapes_match_torchvision():
     assert {m.eps for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.001}
 
 
+@pytest.mark.slow
 def test_the_first_map_is_the_c4_blocks_expansion_inside_one_block():
     net = model()
     c4 = net.backbone[net.c4]
@@ -124,7 +125,8 @@ def test_strict_loading_reports_every_problem_once():
 
 
 @DTYPES
-@pytest.mark.parametrize("shape", [(2, 3, 320, 320), (1, 3, 256, 192)], ids=("2x320", "256x192"))
+@pytest.mark.parametrize("shape", [pytest.param((2, 3, 320, 320), marks=pytest.mark.slow), (1, 3, 256, 192)],
+                         ids=("2x320", "256x192"))
 def test_forward_raw_agrees_with_torchvision(dtype, shape):
     tm, net = torch_model(dtype), model(dtype)
     tdtype = torch.float32 if dtype == np.float32 else torch.float64
@@ -197,6 +199,7 @@ def test_detections_of_one_image_equal_torchvisions(size):
     check_detections(test_images([size], seed=1))
 
 
+@pytest.mark.slow
 def test_detections_of_three_images_equal_torchvisions_on_both_paths():
     check_detections(test_images(SIZES, seed=2), paths=("fast", "reference"))
 
@@ -385,6 +388,7 @@ def test_detect_names_bad_images_and_arguments(coco_model, tmp_path):
         npmnv3.detect(photo(1, (64, 64)), model=npmnv3.mobilenet_v3_small())
 
 
+@pytest.mark.slow
 def test_cli_detect_prints_and_draws_the_detections(coco_model, tmp_path):
     coco_model.save(tmp_path / "ssdlite.npz")
     photo(3, (200, 150)).save(tmp_path / "street.png")

@@ -264,7 +264,8 @@ def nested(shape, depth):
 
 SHAPES = ["tuple (TUPLE1)", "tuple (MARK ... TUPLE)", "dict with a nested tuple key", "list", "dict values",
           "OrderedDict values"]
-DEPTHS = [10, 100, 1000, 10_000, 100_000, 1_000_000]
+DEPTHS = [10, 100, 1000, 10_000, pytest.param(100_000, marks=pytest.mark.slow),
+          pytest.param(1_000_000, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("depth", DEPTHS)

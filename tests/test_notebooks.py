@@ -82,6 +82,7 @@ def test_stored_without_outputs(path):
                        f"clean (e.g. jupyter nbconvert --clear-output --inplace {path.name})")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, notebook_env):
     execute(path)

@@ -188,6 +188,7 @@ def test_cli_predict_sample_and_json(small_pth, capsys):
     assert [p["index"] for p in data[0]["predictions"]] == list(order)          # the default top 5
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(small_pth, tmp_path):
     cases = [
         (["predict", str(tmp_path / "nope.jpg"), "--arch", "mobilenet_v3_small", "--weights", str(small_pth[0])],
@@ -271,6 +272,7 @@ def qat_pth(tmp_path_factory):
     return path, quantized
 
 
+@pytest.mark.slow
 def test_predict_quantized_matches_torchs_int8_model(qat_pth):
     import torchref
     path, torch_model = qat_pth

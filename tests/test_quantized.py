@@ -108,7 +108,8 @@ def test_qat_end_state_file_agrees_with_torch_qnnpack(trained, label):
     check_agreement(model, torch_model, inputs(label, seed=8))
 
 
-@pytest.mark.parametrize("label", SAME_INPUTS)
+@pytest.mark.parametrize("label", [pytest.param(label, marks=[pytest.mark.slow] if label.startswith("224") else [])
+                                   for label in SAME_INPUTS])
 def test_fast_path_gives_the_readable_paths_integers_in_every_layer(calibrated, trained, label):
     for seed, (path, _) in enumerate((calibrated, trained)):
         model = npmnv3.quantized_mobilenet_v3_large(weights=path)
@@ -193,6 +194,7 @@ def test_weights_and_qparams_are_those_convert_makes(calibrated):
     assert network.input == (F32(torch_model.quant.scale.item()), int(torch_model.quant.zero_point.item()))
 
 
+@pytest.mark.slow
 def test_random_network_converts_as_torchvision_without_weights():
     """weights=None: untouched observers, as torchvision's builder without weights; torch converts the same
     state dict to the same integers."""
@@ -279,6 +281,7 @@ def test_intermediates_are_quantized_tensors_and_threads_do_not_change_results(c
                                   * feats["features.16"].scale)
 
 
+@pytest.mark.slow
 def test_npz_round_trip_and_new_parameters_give_a_new_network(calibrated, tmp_path):
     path, _ = calibrated
     model = npmnv3.quantized_mobilenet_v3_large(weights=path)

@@ -198,6 +198,7 @@ def fresh_reference():
     return make_reference, make_reference.compute()
 
 
+@pytest.mark.slow
 def test_committed_reference_outputs_are_what_torch_computes_now(fresh_reference):
     """Hashes and files equal, float outputs within the tolerances above (needs torch)."""
     make_reference, fresh = fresh_reference

@@ -75,7 +75,8 @@ def check(arch, options, dtype, shape, reference=True):
 
 @pytest.mark.parametrize("arch,options", MODELS, ids=IDS)
 @pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("float32", "float64"))
-@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (2, 3, 97, 131)], ids=("224", "2x97x131"))
+@pytest.mark.parametrize("shape", [pytest.param((1, 3, 224, 224), marks=pytest.mark.slow), (2, 3, 97, 131)],
+                         ids=("224", "2x97x131"))
 def test_agrees_with_torchvision(arch, options, dtype, shape):
     check(arch, options, dtype, shape)
 
@@ -179,6 +180,7 @@ def official_lraspp():
     return tm, model
 
 
+@pytest.mark.slow
 def test_preprocessing_without_a_crop_is_torchvisions():
     from torchvision.models.segmentation import LRASPP_MobileNet_V3_Large_Weights
     transform = LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1.transforms()
@@ -188,6 +190,7 @@ def test_preprocessing_without_a_crop_is_torchvisions():
         assert np.array_equal(ours, transform(image).numpy()), size
 
 
+@pytest.mark.slow
 def test_segment_equals_torchvisions_pipeline(official_lraspp):
     tm, model = official_lraspp
     from torchvision.models.segmentation import LRASPP_MobileNet_V3_Large_Weights
@@ -218,6 +221,7 @@ def test_segment_names_bad_images(official_lraspp, tmp_path):
         npmnv3.segment([photo(1, (64, 64)), str(tmp_path / "missing.png")], model=model)
 
 
+@pytest.mark.slow
 def test_cli_segment_writes_masks_and_overlays(official_lraspp, tmp_path):
     _, model = official_lraspp
     model.save(tmp_path / "lraspp.npz")

@@ -158,6 +158,7 @@ def test_default_weights_are_downloaded_cached_and_agree(mirror, tmp_path):
     assert npmnv3.mobilenet_v3_small(weights=tmp_path / "cache" / entry.filename).meta["weights"] == "IMAGENET1K_V1"
 
 
+@pytest.mark.slow
 def test_official_segmentation_weights_are_downloaded_with_their_recipe(mirror):
     import torchref
     lraspp = torchref.random_segmentation_model("lraspp_mobilenet_v3_large", seed=5)
@@ -176,6 +177,7 @@ def test_official_segmentation_weights_are_downloaded_with_their_recipe(mirror):
     assert rel_err(out["out"], ref["out"].numpy()) < 1e-4 and rel_err(out["aux"], ref["aux"].numpy()) < 1e-4
 
 
+@pytest.mark.slow
 def test_official_detection_weights_are_downloaded_with_their_class_names(mirror, tmp_path):
     import torchref
     detector = torchref.random_detection_model(seed=5)
@@ -210,6 +212,7 @@ def run_convert(*argv, env=None):
                           capture_output=True, text=True, env=dict(os.environ, **(env or {})))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("float16", (False, True))
 def test_convert_pth_to_npz(tmp_path, float16):
     torch_model = random_torch_model("mobilenet_v3_large", seed=24)
@@ -261,6 +264,7 @@ def test_convert_errors(tmp_path):
     assert not (tmp_path / "o.npz").exists()
 
 
+@pytest.mark.slow
 def test_quantized_weights_are_downloaded_from_their_folder_and_checked_by_their_name(mirror, monkeypatch, tmp_path):
     """The registry entry of the int8 network has only the hash prefix of its name: a file published under
     a name carrying its own prefix downloads from models/quantized/ and loads; one whose hash does not begin
