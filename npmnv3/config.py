@@ -33,6 +33,8 @@ when a block has no expand conv or no SE) is written.
 from dataclasses import dataclass
 from typing import Optional
 
+from .kernels import conv_output_size
+
 #         in   k  exp  out   SE     NL   s
 LARGE = [
     (16,  3,  16,  16, False, "RE", 1),
@@ -233,10 +235,8 @@ class Conv:
         return out
 
     def output_size(self, height, width):
-        """(H_out, W_out) for an (H, W) input: PyTorch's rule, see ``kernels.conv_output_size``."""
-        def size(n):
-            return (n + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
-        return size(height), size(width)
+        """(H_out, W_out) for an (H, W) input: PyTorch's rule, ``kernels.conv_output_size``."""
+        return tuple(conv_output_size(n, self.kernel, self.stride, self.padding, self.dilation) for n in (height, width))
 
     def macs(self, height, width):
         """Multiply-accumulates on an (H, W) input: H_out * W_out * C_out * (C_in / groups) * k * k."""

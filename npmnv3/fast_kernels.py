@@ -31,7 +31,7 @@ What makes them fast (see ``benchmarks/README.md`` for the measurements):
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .kernels import resize_source
+from .kernels import conv_output_size, resize_source
 
 BIG = float(np.finfo(np.float32).max)   # a finite upper bound makes clip take its fast path
 # np.clip is a Python function that reaches the ``clip`` ufunc through ndarray.clip; called directly,
@@ -47,11 +47,6 @@ HS_SCALE = 6.0                          # hard_swish6(x) = HS_SCALE * hard_swish
 PHASE_MIN_WIDTH = 16                    # stride-2 depthwise convs with outputs this wide use phase planes
 PIECE = 65536                           # floats per piece of hard_swish6 (256 KB in float32: fits in L2)
 WHOLE = 4                               # ... which takes arrays of up to this many pieces whole
-
-
-def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
-    """Length of a convolution's output along one axis (PyTorch's rule; as ``kernels.conv_output_size``)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 # --------------------------------------------------------------------------- activations
