@@ -42,7 +42,7 @@ from .config import Block, Conv, bneck_block, bneck_settings, mobilenet_v3_featu
 from .engine import Engine
 from .engine.parallel import run_tasks
 from .model import bneck, conv_bn_act, forward_features
-from .network import Network, check_input
+from .network import Network, check_input, check_positive
 from .segmentation import plain_conv
 from .summary import layer_costs
 from .threads import blas_threads
@@ -317,8 +317,7 @@ class SSDLite(Network):
     arch = "ssdlite320_mobilenet_v3_large"
 
     def __init__(self, *, num_classes=91, dtype=np.float32, seed=0, threads=None):
-        if isinstance(num_classes, bool) or not (isinstance(num_classes, (int, np.integer)) and num_classes >= 1):
-            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        check_positive(num_classes, "num_classes")
         self.num_classes = int(num_classes)
         self.options = dict(num_classes=self.num_classes)
         self.backbone, self.c4 = ssdlite_backbone()

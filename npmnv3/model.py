@@ -29,7 +29,7 @@ import numpy as np
 from . import kernels as K
 from .config import ARCHS, Block, classifier_layers, mobilenet_v3_features, parameter_list
 from .engine import Engine
-from .network import Network, check_input
+from .network import Network, check_input, check_positive
 from .summary import layer_costs
 from .threads import blas_threads
 
@@ -183,8 +183,7 @@ class MobileNetV3(Network):
 
     def __init__(self, arch="mobilenet_v3_large", *, width_mult=1.0, reduced_tail=False,
                  dilated=False, num_classes=1000, dtype=np.float32, seed=0, threads=None):
-        if isinstance(num_classes, bool) or not (isinstance(num_classes, (int, np.integer)) and num_classes >= 1):
-            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        check_positive(num_classes, "num_classes")
         self.arch = arch
         self.options = dict(width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
                             num_classes=int(num_classes))

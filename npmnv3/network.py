@@ -21,6 +21,12 @@ def check_dtype(dtype):
     return dtype
 
 
+def check_positive(value, what):
+    """Raise ValueError naming ``what`` unless ``value`` is a positive integer (bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+
+
 def check_input(x, dtype, min_size=1):
     """Validate a batch ``x`` and return it as a C-contiguous (N, 3, H, W) array of ``dtype``."""
     if not isinstance(x, np.ndarray):

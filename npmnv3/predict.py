@@ -10,6 +10,7 @@ from .errors import ImageError
 from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD, preprocess
 from .imagenet import class_index
 from .model import MobileNetV3
+from .network import check_positive
 from .quantized import QuantizedMobileNetV3
 from .serialization import load_state_dict
 from .weights import assemble, build, build_quantized, meta_for_file, options_in
@@ -98,11 +99,6 @@ def progress_bar(done, total, stream, what="images"):
     stream.flush()
 
 
-def _check_positive(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
-
-
 def classify(net, images, names, topk=5, batch_size=16, exif_transpose=False, keep_going=False,
              progress=False, resize_size=None, crop_size=None):
     """Top-k results per image, in batches; with ``keep_going`` a bad image's entry is its ImageError.
@@ -173,7 +169,7 @@ def predict(images, model=None, weights="DEFAULT", topk=5, batch_size=16, exif_t
         A bad image, named by its path or its index in the list.
     """
     single, batch = as_batch(images)
-    _check_positive(batch_size, "batch_size")
+    check_positive(batch_size, "batch_size")
     net = get_model(model, weights, offline=offline, quantized=quantized)
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= net.num_classes:
         raise ValueError(f"topk: expected an integer from 1 to {net.num_classes}, got {topk!r}")
@@ -222,7 +218,7 @@ def evaluate(folder, model=None, weights="DEFAULT", batch_size=32, progress=None
     A bad image raises ``ImageError`` naming its path; none is skipped silently. ``model``,
     ``weights``, ``resize_size`` and ``crop_size`` as for ``predict``.
     """
-    _check_positive(batch_size, "batch_size")
+    check_positive(batch_size, "batch_size")
     samples = find_labelled_images(folder)
     net = get_model(model, weights, offline=offline)
     kwargs = recipe(net, resize_size, crop_size)

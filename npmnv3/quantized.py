@@ -42,7 +42,7 @@ from .config import BN_FIELDS, Block, Conv, Linear, SqueezeExcite, classifier_la
 from .model import keep
 from .engine import chunk_bounds
 from .engine.parallel import run_tasks
-from .network import Network, check_input
+from .network import Network, check_input, check_positive
 from .summary import layer_costs
 from .threads import blas_threads
 
@@ -418,8 +418,7 @@ class QuantizedMobileNetV3(Network):
     arch = ARCH
 
     def __init__(self, *, num_classes=1000, seed=0, threads=None):
-        if isinstance(num_classes, bool) or not (isinstance(num_classes, (int, np.integer)) and num_classes >= 1):
-            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        check_positive(num_classes, "num_classes")
         self.num_classes = int(num_classes)
         self.options = dict(num_classes=self.num_classes)
         self.features, last_channel = mobilenet_v3_features("mobilenet_v3_large")

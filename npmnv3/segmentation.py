@@ -32,7 +32,7 @@ from .config import Conv, bneck_settings, mobilenet_v3_features
 from .engine import Engine
 from .engine.parallel import run_tasks
 from .model import conv_bn_act, forward_features
-from .network import Network, check_input
+from .network import Network, check_input, check_positive
 from .summary import layer_costs
 from .threads import blas_threads
 
@@ -246,8 +246,7 @@ class _Segmenter(Network):
     """What LR-ASPP and DeepLabV3 share: the dilated backbone, the taps, the two forward paths."""
 
     def _setup(self, num_classes, heads, dtype, seed, threads):
-        if isinstance(num_classes, bool) or not (isinstance(num_classes, (int, np.integer)) and num_classes >= 1):
-            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        check_positive(num_classes, "num_classes")
         self.num_classes = int(num_classes)
         self.backbone, self.low, self.high = dilated_backbone()
         self.heads = heads(self.backbone[self.low].out_channels, self.backbone[self.high].out_channels)
