@@ -175,17 +175,14 @@ def load_model(args):
     if args.quantized:
         return load_quantized_model(args)
     weights = args.weights
-    if not W.is_official_name(args.arch or DEFAULT_ARCH, weights) and (
-            os.path.exists(weights) or "." in os.path.basename(weights) or os.sep in weights):
+    if W.names_a_file(args.arch or DEFAULT_ARCH, weights):
         state_dict, meta = npmnv3.load_state_dict(weights), W.meta_for_file(weights)
-        found = W.options_in(state_dict, meta)
-        if args.arch and found and found["arch"] != args.arch:
-            raise CommandError(f"--arch {args.arch} does not fit --weights {weights}: these weights are {found['arch']} "
-                               f"({len(state_dict)} tensors); drop --arch or pass --arch {found['arch']}")
-        options = {k: found[k] for k in ("width_mult", "reduced_tail", "dilated", "num_classes", "dtype")
-                   if found and k in found}
+        found, options = W.file_options(state_dict, meta)
+        if args.arch and found and found != args.arch:
+            raise CommandError(f"--arch {args.arch} does not fit --weights {weights}: these weights are {found} "
+                               f"({len(state_dict)} tensors); drop --arch or pass --arch {found}")
         try:
-            return W.assemble(args.arch or (found or {}).get("arch", DEFAULT_ARCH), state_dict, meta, **options)
+            return W.assemble(args.arch or found or DEFAULT_ARCH, state_dict, meta, **options)
         except StateDictError as exc:
             raise CommandError(f"--weights {weights}: {exc.summary}") from exc
     return W.build(args.arch or DEFAULT_ARCH, weights, offline=_offline(args))
@@ -286,11 +283,7 @@ def run_predict(args):
 
 def run_segment(args):
     require_images(args.images)
-    weights = args.weights
-    if weights != "DEFAULT" and not W.is_official_name(args.arch, weights) and os.path.exists(weights):
-        net = W.build_segmenter(args.arch, weights)
-    else:
-        net = W.build_segmenter(args.arch, weights, offline=_offline(args))
+    net = W.build_segmenter(args.arch, args.weights, offline=_offline(args))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     entries = []

@@ -13,7 +13,7 @@ from .model import MobileNetV3
 from .network import check_positive
 from .quantized import QuantizedMobileNetV3
 from .serialization import load_state_dict
-from .weights import assemble, build, build_quantized, meta_for_file, options_in
+from .weights import assemble, build, build_quantized, file_options, meta_for_file, names_a_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 DEFAULT_ARCH = "mobilenet_v3_large"
@@ -28,13 +28,6 @@ def softmax(logits):
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def _is_path(weights):
-    """Whether ``weights`` names a file (a path object, or a string that is a file or looks like one)."""
-    if isinstance(weights, str):
-        return Path(weights).exists() or "." in Path(weights).name or "/" in weights
-    return hasattr(weights, "__fspath__")
 
 
 def get_model(model=None, weights="DEFAULT", offline=None, quantized=False):
@@ -54,11 +47,10 @@ def get_model(model=None, weights="DEFAULT", offline=None, quantized=False):
         return build_quantized(weights, offline=offline)
     if model is not None and model not in ARCHS:
         raise ValueError(f"model: expected one of {', '.join(ARCHS)} or a MobileNetV3 instance, got {model!r}")
-    if model is None and _is_path(weights):
+    if model is None and names_a_file(DEFAULT_ARCH, weights):
         state_dict, meta = load_state_dict(weights), meta_for_file(weights)
-        found = options_in(state_dict, meta) or {}
-        options = {k: found[k] for k in ("width_mult", "reduced_tail", "dilated", "num_classes", "dtype") if k in found}
-        return assemble(found.get("arch", DEFAULT_ARCH), state_dict, meta, **options)
+        arch, options = file_options(state_dict, meta)
+        return assemble(arch or DEFAULT_ARCH, state_dict, meta, **options)
     return build(model or DEFAULT_ARCH, weights, offline=offline)
 
 

@@ -19,6 +19,7 @@ quantized file is on record: it is checked as torch hub checks it, by the prefix
 (``5bcacf28``), its size not pinned.
 """
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +156,17 @@ def is_official_name(arch, weights):
     return True
 
 
+def names_a_file(arch, weights):
+    """Whether a ``weights`` argument names a file rather than ``arch``'s official weights: a path
+    object, or a string that is no official name and is a file or looks like one (has a "." in its
+    name or a directory in it)."""
+    if isinstance(weights, str):
+        if is_official_name(arch, weights):
+            return False
+        return Path(weights).exists() or "." in Path(weights).name or "/" in weights or os.sep in weights
+    return isinstance(weights, Path) or hasattr(weights, "__fspath__")
+
+
 def default_recipe():
     """torchvision's classification recipe when nothing says otherwise: resize 256, crop 224, ImageNet
     mean and std (``recipe_guessed`` marks it as a guess)."""
@@ -195,6 +207,13 @@ def options_in(state_dict, meta):
     return recognise(state_dict)
 
 
+def file_options(state_dict, meta):
+    """``(arch, options)`` of the network a weights file holds (``options_in``): its architecture
+    (None when neither recorded nor recognised) and the builder options to rebuild it with."""
+    found = dict(options_in(state_dict, meta) or {})
+    return found.pop("arch", None), found
+
+
 def resolve(arch, weights, offline=None, progress=None):
     """``(state_dict, meta)`` for a builder's ``weights`` argument, or ``(None, {})`` for None.
 
@@ -207,13 +226,11 @@ def resolve(arch, weights, offline=None, progress=None):
         if weights.arch != arch:
             raise ValueError(f"weights: {weights.arch} {weights.name} weights do not fit {arch}")
         entry = weights
-    elif isinstance(weights, str) and is_official_name(arch, weights):
-        entry = get_weights(arch, weights)
-    elif isinstance(weights, (str, Path)) or hasattr(weights, "__fspath__"):
+    elif names_a_file(arch, weights):
         path = Path(weights)
-        if not path.exists() and isinstance(weights, str) and "." not in path.name and "/" not in weights:
-            get_weights(arch, weights)    # a mistyped name: raises with the list of known names
         return load_state_dict(path), meta_for_file(path)
+    elif isinstance(weights, str):
+        entry = get_weights(arch, weights)      # an official name, or a mistyped one: the known names
     else:
         raise TypeError(f"weights: expected None, 'DEFAULT', a weights name or a path, got {type(weights).__name__}")
     path = entry.fetch(offline=offline, progress=progress)

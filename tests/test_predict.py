@@ -97,6 +97,8 @@ def test_predict_large_v2_uses_resize_232(tmp_path, monkeypatch):
     order, probs = torch_top(torch_model, image, torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V2)
     assert [p["index"] for p in preds] == list(order)
     np.testing.assert_allclose([p["probability"] for p in preds], probs, rtol=0, atol=2e-4)
+    # torchvision's spelling of the name is a name too, not a file
+    assert npmnv3.predict(image, weights="MobileNet_V3_Large_Weights.IMAGENET1K_V2", topk=5) == preds
 
 
 def test_predict_errors_name_the_input(small_pth, tmp_path):
