@@ -11,8 +11,8 @@ from PIL import ImageDraw
 
 from .detection import SSDLite
 from .images import load_image
-from .predict import as_batch
-from .segment import class_names, voc_palette
+from .predict import as_batch, labels
+from .segment import voc_palette
 from .weights import build_detector
 
 
@@ -71,7 +71,7 @@ def detect(images, *, weights="DEFAULT", model=None, score_threshold=0.5, offlin
     single, batch = as_batch(images)
     threshold = _check_threshold(score_threshold)
     net = get_detector(weights, model, offline)
-    names = class_names(net)
+    names = labels(net)
     results = []
     for i, image in enumerate(batch):
         x = image_array(image, name=None if single else f"image {i}", exif_transpose=exif_transpose)

@@ -158,6 +158,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: torchvision's classification recipe by default: resize the short side to 256, centre crop 224.
 DEFAULT_RESIZE = 256
 DEFAULT_CROP = 224
+SEGMENTATION_RESIZE = 520       # torchvision's SemanticSegmentation(resize_size=520): no crop
 
 # How many leading bytes of an unrecognised file to quote in the error message.
 _SNIFF_BYTES = 16

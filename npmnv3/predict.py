@@ -62,12 +62,12 @@ def labels(net):
     return names
 
 
-def recipe(net, resize_size=None, crop_size=None):
-    """``preprocess`` arguments for ``net``: its weights' recipe, or torchvision's default; the
-    given sizes replace the recipe's."""
+def recipe(net, resize_size=None, crop_size=None, default_resize=DEFAULT_RESIZE, default_crop=DEFAULT_CROP):
+    """``preprocess`` arguments for ``net``: its weights' recipe, or the defaults (torchvision's
+    classification recipe; a segmenter's: 520, no crop); the given sizes replace the recipe's."""
     meta = net.meta
-    return dict(resize_size=resize_size or meta.get("resize_size", DEFAULT_RESIZE),
-                crop_size=crop_size or meta.get("crop_size", DEFAULT_CROP),
+    return dict(resize_size=resize_size or meta.get("resize_size", default_resize),
+                crop_size=crop_size or meta.get("crop_size", default_crop),
                 mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)))
 
 

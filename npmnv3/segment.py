@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from . import kernels as K
-from .images import IMAGENET_MEAN, IMAGENET_STD, load_image, preprocess
+from .images import SEGMENTATION_RESIZE, load_image, preprocess
+from .predict import labels, recipe
 from .segmentation import DeepLabV3, LRASPP
 from .weights import build_segmenter
 
@@ -47,13 +48,6 @@ def get_segmenter(arch="lraspp_mobilenet_v3_large", weights="DEFAULT", model=Non
     return build_segmenter(arch, weights, offline=offline)
 
 
-def class_names(net):
-    names = net.meta.get("categories")
-    if names is None or len(names) != net.num_classes:
-        names = [f"class {i}" for i in range(net.num_classes)]
-    return names
-
-
 def segment(images, *, arch="lraspp_mobilenet_v3_large", weights="DEFAULT", model=None, offline=None,
             exif_transpose=False):
     """Per-pixel classes for one image or a list of images.
@@ -83,10 +77,8 @@ def segment(images, *, arch="lraspp_mobilenet_v3_large", weights="DEFAULT", mode
     single = not isinstance(images, (list, tuple))
     batch = [images] if single else list(images)
     net = get_segmenter(arch, weights, model, offline)
-    names = class_names(net)
-    meta = net.meta
-    kwargs = dict(resize_size=meta.get("resize_size", 520), crop_size=meta.get("crop_size"),
-                  mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)))
+    names = labels(net)
+    kwargs = recipe(net, default_resize=SEGMENTATION_RESIZE, default_crop=None)
     results = []
     for i, image in enumerate(batch):
         label = None if single else f"image {i}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import hub
 from .categories import label_set
-from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD
+from .images import DEFAULT_CROP, DEFAULT_RESIZE, IMAGENET_MEAN, IMAGENET_STD, SEGMENTATION_RESIZE
 from .imagenet import categories
 from .model import MobileNetV3, recognise
 from .serialization import load_metadata, load_state_dict
@@ -93,7 +93,7 @@ class Weights:
 
 
 def _segmentation(arch, filename, size, sha256, miou, pixel_acc):
-    return Weights(arch, "COCO_WITH_VOC_LABELS_V1", filename, size, sha256, 520,
+    return Weights(arch, "COCO_WITH_VOC_LABELS_V1", filename, size, sha256, SEGMENTATION_RESIZE,
                    (("miou", miou), ("pixel_acc", pixel_acc)), crop_size=None, labels="voc",
                    recipe=SEGMENTATION_RECIPE)
 
