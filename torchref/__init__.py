@@ -5,6 +5,7 @@ torchvision's own networks with random weights under which every layer matters, 
 run them and to hand their weights to npmnv3.
 """
 
+import collections
 import contextlib
 import copy
 import warnings
@@ -287,3 +288,44 @@ def random_detection_model(seed=0, num_classes=91, logit_std=4.0, background=20.
             block[1].bias *= factor
             block[1].bias[::num_classes] += background       # channel a * num_classes: box a's background
     return model.eval()
+
+
+def edge_case_tensors():
+    """Tensors that exercise a torch.save reader: views with offsets and steps, transposes, shared
+    storages, stride-0 expands, empty tensors (one at the end of its storage), a negative-bit view,
+    rank 8, and every dtype npmnv3 reads (float16/bfloat16/float64, ints, bool, 0-d)."""
+    g = torch.Generator().manual_seed(1)
+    flat = torch.arange(20, dtype=torch.float32)
+    base = torch.randn(4, 5, generator=g)
+    half = torch.randn(3, 4, generator=g).half()
+    bf16 = torch.randn(3, 4, generator=g).bfloat16()
+    flags = torch.tensor([True, False, True, True])
+    return collections.OrderedDict([
+        ("flat", flat),
+        ("view_with_offset", flat[5:11].view(2, 3)),          # shares flat's storage
+        ("step_slice", flat[1::3]),
+        ("transposed", base.t()),
+        ("column", base[:, 2]),
+        ("base", base),
+        ("expand_stride0", torch.tensor([[1.5], [2.5]]).expand(2, 4)),
+        ("scalar_expand", torch.tensor(7.25).expand(3, 3)),
+        ("float16", half),
+        ("float16_transposed", half.t()),
+        ("bfloat16", bf16),
+        ("bfloat16_view", bf16[1:, ::2]),
+        ("float64", torch.randn(2, 2, generator=g, dtype=torch.float64)),
+        ("int64_0d", torch.tensor(42)),
+        ("int64", torch.tensor([-(2 ** 62), 2 ** 62 + 1])),
+        ("int32", torch.tensor([-(2 ** 31), 2 ** 31 - 1], dtype=torch.int32)),
+        ("int16", torch.tensor([-3, 4], dtype=torch.int16)),
+        ("int8", torch.tensor([-128, 127], dtype=torch.int8)),
+        ("uint8", torch.tensor([0, 255, 7], dtype=torch.uint8)),
+        ("bool", flags),
+        ("bool_view", flags[1:]),
+        ("bool_0d", torch.tensor(True)),
+        ("empty", torch.empty(0, 3)),
+        ("empty_at_end", flat[20:]),
+        ("specials", torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45])),
+        ("negative_bit", torch.randn(3, generator=g, dtype=torch.cfloat).conj().imag),
+        ("rank8", torch.randn(1, 2, 1, 2, 1, 2, 1, 2, generator=g)),
+    ])

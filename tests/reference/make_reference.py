@@ -131,42 +131,6 @@ def compute_models():
 
 # --------------------------------------------------------------------------- torch.save files
 
-def edge_case_tensors():
-    """Views, strides, shared storages, expands and every dtype the reader supports."""
-    g = torch.Generator().manual_seed(1)
-    flat = torch.arange(20, dtype=torch.float32)
-    base = torch.randn(4, 5, generator=g)
-    half = torch.randn(3, 4, generator=g).half()
-    bf16 = torch.randn(3, 4, generator=g).bfloat16()
-    return OrderedDict([
-        ("flat", flat),
-        ("view_with_offset", flat[5:11].view(2, 3)),          # shares flat's storage
-        ("step_slice", flat[1::3]),
-        ("transposed", base.t()),
-        ("column", base[:, 2]),
-        ("base", base),
-        ("expand_stride0", torch.tensor([[1.5], [2.5]]).expand(2, 4)),
-        ("scalar_expand", torch.tensor(7.25).expand(3, 3)),
-        ("float16", half),
-        ("float16_transposed", half.t()),
-        ("bfloat16", bf16),
-        ("bfloat16_view", bf16[1:, ::2]),
-        ("float64", torch.randn(2, 2, generator=g, dtype=torch.float64)),
-        ("int64_0d", torch.tensor(42)),
-        ("int64", torch.tensor([-(2 ** 62), 2 ** 62 + 1])),
-        ("int32", torch.tensor([-(2 ** 31), 2 ** 31 - 1], dtype=torch.int32)),
-        ("int16", torch.tensor([-3, 4], dtype=torch.int16)),
-        ("int8", torch.tensor([-128, 127], dtype=torch.int8)),
-        ("uint8", torch.tensor([0, 255, 7], dtype=torch.uint8)),
-        ("bool", torch.tensor([True, False, True, True])),
-        ("bool_0d", torch.tensor(True)),
-        ("empty", torch.empty(0, 3)),
-        ("specials", torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45])),
-        ("negative_bit", torch.randn(3, generator=g, dtype=torch.cfloat).conj().imag),
-        ("rank8", torch.randn(1, 2, 1, 2, 1, 2, 1, 2, generator=g)),
-    ])
-
-
 def checkpoint():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, generator=g)
@@ -186,9 +150,9 @@ def file_objects():
     """name -> (the object torch.save writes, its keyword arguments)."""
     legacy = {"_use_new_zipfile_serialization": False}
     return OrderedDict([
-        ("tensors_zip.pth", (edge_case_tensors(), {})),
-        ("tensors_zip_protocol4.pth", (edge_case_tensors(), {"pickle_protocol": 4})),
-        ("tensors_legacy.pth", (edge_case_tensors(), legacy)),
+        ("tensors_zip.pth", (torchref.edge_case_tensors(), {})),
+        ("tensors_zip_protocol4.pth", (torchref.edge_case_tensors(), {"pickle_protocol": 4})),
+        ("tensors_legacy.pth", (torchref.edge_case_tensors(), legacy)),
         ("parameters.pth", (parameters(), {})),
         ("checkpoint.pth", (checkpoint(), {})),
         ("checkpoint_legacy.pth", (checkpoint(), legacy)),
