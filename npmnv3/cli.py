@@ -288,12 +288,13 @@ def run_segment(args):
         os.makedirs(args.out, exist_ok=True)
     entries = []
     for path in args.images:
-        result = segment(path, model=net)
+        image = npmnv3.load_image(path) if args.out else path      # decoded once for the mask and the overlay
+        result = segment(image, model=net)
         entry = dict(image=str(path), labels=result["labels"], fractions=result["fractions"])
         if args.out:
             stem = out_stem(args.out, path)
             mask_image(result["mask"]).save(stem + ".mask.png")
-            overlay(path, result["mask"]).save(stem + ".overlay.png")
+            overlay(image, result["mask"]).save(stem + ".overlay.png")
             entry.update(mask=stem + ".mask.png", overlay=stem + ".overlay.png")
         entries.append(entry)
     if args.json:
@@ -315,10 +316,11 @@ def run_detect(args):
         os.makedirs(args.out, exist_ok=True)
     entries = []
     for path in args.images:
-        entry = dict(image=str(path), detections=detect(path, model=net, score_threshold=args.threshold))
+        image = npmnv3.load_image(path) if args.out else path      # decoded once for the boxes and the drawing
+        entry = dict(image=str(path), detections=detect(image, model=net, score_threshold=args.threshold))
         if args.out:
             entry["drawing"] = out_stem(args.out, path) + ".detections.png"
-            draw_detections(path, entry["detections"]).save(entry["drawing"])
+            draw_detections(image, entry["detections"]).save(entry["drawing"])
         entries.append(entry)
     if args.json:
         print(json.dumps(entries, indent=2))
