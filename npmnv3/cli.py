@@ -64,7 +64,7 @@ def positive_int(text):
 
 # --------------------------------------------------------------------------- arguments
 
-def _add_model_arguments(p, recipe_options=True):
+def _add_model_arguments(p):
     p.add_argument("--arch", choices=ARCH_CHOICES,
                    help="network (default: the one the --weights file holds, else mobilenet_v3_large)")
     p.add_argument("--weights", default="DEFAULT", metavar="NAME|PATH",
@@ -73,10 +73,9 @@ def _add_model_arguments(p, recipe_options=True):
     p.add_argument("--offline", action="store_true", help="never use the network (as NPMNV3_OFFLINE=1)")
     p.add_argument("--quantized", action="store_true",
                    help="run torchvision's int8 MobileNetV3-Large in integers (Large only)")
-    if recipe_options:
-        p.add_argument("--resize", type=positive_int, metavar="N",
-                       help="resize the short side to N (default: the weights' recipe, e.g. 232 or 256)")
-        p.add_argument("--crop", type=positive_int, metavar="N", help="centre crop N x N (default: 224)")
+    p.add_argument("--resize", type=positive_int, metavar="N",
+                   help="resize the short side to N (default: the weights' recipe, e.g. 232 or 256)")
+    p.add_argument("--crop", type=positive_int, metavar="N", help="centre crop N x N (default: 224)")
 
 
 def build_parser():

@@ -81,11 +81,11 @@ def as_batch(images):
     return single, batch
 
 
-def progress_bar(done, total, stream, what="images"):
+def progress_bar(done, total, stream):
     """One ``\\r`` line: ``[#####.....] done/total images``, ended by a newline when complete."""
     width = 30
     filled = width * done // total
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}")
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images")
     if done == total:
         stream.write("\n")
     stream.flush()

@@ -9,20 +9,15 @@ For the int8 network the rows also give the bytes of each layer's weights as it 
 weights, int32 biases, a float32 scale; BatchNorm folded in) and as float32 weights and biases.
 """
 
-BYTE_COLUMNS = ("int8_bytes", "float32_bytes")
+import math
 
 from .config import BUFFER_KINDS, Block, Conv, Linear, SqueezeExcite
 
+BYTE_COLUMNS = ("int8_bytes", "float32_bytes")
+
 
 def _params(layer):
-    return sum(_numel(shape) for _, shape, kind in layer.parameters() if kind not in BUFFER_KINDS)
-
-
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return sum(math.prod(shape) for _, shape, kind in layer.parameters() if kind not in BUFFER_KINDS)
 
 
 def layer_costs(layers, height, width):

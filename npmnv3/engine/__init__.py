@@ -41,8 +41,6 @@ MAX_FREE_PLANS = 4      # plans kept per shape (more are made when more calls ov
 
 def chunk_bounds(n, size=CHUNK):
     """[(start, stop)] cutting a batch of n into an even number of chunks of at most ``size`` images."""
-    if n == 1:
-        return [(0, 1)]
     count = min(n, 2 * -(-n // (2 * size)))
     bounds = [n * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -73,7 +71,7 @@ class Engine:
         self.version = params.version
         self.features, self.classifier = features, classifier
         self.dtype = params.dtype
-        self.prepared = Prepared(params, params.dtype)
+        self.prepared = Prepared(params)
         self.prefix = prefix_length(features)
         self._plans = OrderedDict()     # key -> [free plans]
         self._lock = threading.Lock()
@@ -118,12 +116,12 @@ class Engine:
         Returns a dict: each name in ``taps`` (a features.i or a sub-layer) -> its output (a new
         array, NCHW or NHWC), and "logits" -> (N, classes) when the engine has a classifier.
         """
-        n, _, h, w = x.shape
+        n = x.shape[0]
         taps = frozenset(taps)
-        chunks = chunk_bounds(n)
         with blas_threads(1):   # the engine's own threads share the work; BLAS's would compete
             if n == 1:
                 return self._run_one(x, taps, threads, layout)
+            chunks = chunk_bounds(n)
             parts = [None] * len(chunks)        # per chunk: (taps, scale of the pooled features)
             pooled = None if self.classifier is None else np.empty((n, self.classifier[0].in_features), self.dtype)
 

@@ -218,7 +218,6 @@ class Plan:
             else:
                 x = self._conv1x1(layer, x, f"out.{layer.name}" if layer.name in self.taps else "exp")
             self._mark(layer.name, x, stage=True)
-        self.output = x
         self.pooled = self.logits = None
         if classifier is not None:
             self.pooled, self.pooled_scale = self._pool(x)

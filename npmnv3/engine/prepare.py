@@ -26,8 +26,8 @@ from ..kernels import fold_batch_norm
 class Prepared:
     """Weights of one parameter version in the engine's layouts (see the module docstring)."""
 
-    def __init__(self, params, dtype):
-        self.params, self.dtype = params, np.dtype(dtype)
+    def __init__(self, params):
+        self.params, self.dtype = params, np.dtype(params.dtype)
         self._cache, self._lock = {}, threading.Lock()
 
     def _cached(self, key, make):
