@@ -118,9 +118,9 @@ class _Target(NamedTuple):
     @property
     def described(self) -> str:
         """What the file must be, for messages."""
-        if len(self.sha256) == 64:
-            return f"{self.size:,} bytes, SHA-256 {self.sha256}"
-        return f"SHA-256 beginning with {self.sha256}"
+        if len(self.sha256) < 64:
+            return f"SHA-256 beginning with {self.sha256}"
+        return f"SHA-256 {self.sha256}" if self.size is None else f"{self.size:,} bytes, SHA-256 {self.sha256}"
 
 
 def _error(target: _Target, reason: str) -> DownloadError:

@@ -634,6 +634,15 @@ def test_a_file_whose_hash_does_not_begin_with_its_prefix_is_refused(server, cac
     assert hub.fetch(PREFIXED, None, None, base_url=server.base("ok"), progress=False).read_bytes() == DATA
 
 
+def test_a_name_can_carry_the_whole_digest(server, cache):
+    named = f"weights-{SHA}.pth"           # 64 hex digits: the full SHA-256, the size still unpinned
+    with pytest.raises(DownloadError) as info:
+        hub.fetch(named, None, None, base_url=server.base("bad"), progress=False)
+    assert f"has SHA-256 {BAD_SHA} instead of {SHA}" in str(info.value)
+    assert f"(SHA-256 {SHA})" in str(info.value)
+    assert hub.fetch(named, None, None, base_url=server.base("ok"), progress=False).read_bytes() == DATA
+
+
 def test_unpinned_size_still_needs_the_announced_length(server, cache):
     with pytest.raises(DownloadError, match=r"the connection closed after 150,000 of 300,000 bytes"):
         hub.fetch(PREFIXED, None, None, base_url=server.base("trunc"), progress=False)
