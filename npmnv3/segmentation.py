@@ -311,7 +311,7 @@ class LRASPP(_Segmenter):
 
     def layer_table(self, height, width):
         rows, (h16, w16) = layer_costs(self.backbone, height, width)
-        h8, w8 = _size_after(self.backbone[:self.low + 1], height, width)
+        h8, w8 = rows[self.low]["output_shape"][1:]          # the low-level tap's map
         head = self.heads["out"]
         for layer, at in ((head.cbr, (h16, w16)), (head.scale, (1, 1)), (head.low_classifier, (h8, w8)),
                           (head.high_classifier, (h8, w8))):
@@ -343,7 +343,7 @@ class DeepLabV3(_Segmenter):
 
     def layer_table(self, height, width):
         rows, (h16, w16) = layer_costs(self.backbone, height, width)
-        h8, w8 = _size_after(self.backbone[:self.low + 1], height, width)
+        h8, w8 = rows[self.low]["output_shape"][1:]          # the low-level tap's map
         head = self.heads["out"]
         for layer in head.layers:
             rows += layer_costs([layer], *((1, 1) if layer is head.pooling else (h16, w16)))[0]
@@ -363,8 +363,3 @@ class DeepLabV3(_Segmenter):
         if "aux" in self.heads:
             out["aux"] = fcn_fast(low, self.heads["aux"], prepared)
         return out
-
-
-def _size_after(layers, height, width):
-    """(H, W) after a chain of layer records on an (H, W) input."""
-    return layer_costs(layers, height, width)[1]
