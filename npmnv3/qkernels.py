@@ -327,11 +327,10 @@ def mul_naive(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out
     The SE block multiplies each channel (a: (N, C, H, W)) by its gate (b: (N, C, 1, 1))."""
     m = requantization_multiplier((a_scale, b_scale), out_scale)
     a, b = np.broadcast_arrays(np.asarray(a, np.int64), np.asarray(b, np.int64))
-    out = np.empty(a.shape, np.uint8)
+    products = np.empty(a.shape, np.int64)
     for index in np.ndindex(a.shape):
-        product = (int(a[index]) - int(a_zero_point)) * (int(b[index]) - int(b_zero_point))
-        out[index] = min(max(int(np.rint(F32(product) * m)) + int(out_zero_point), UINT8_MIN), UINT8_MAX)
-    return out
+        products[index] = (int(a[index]) - int(a_zero_point)) * (int(b[index]) - int(b_zero_point))
+    return requantize_naive(products, m, out_zero_point)
 
 
 def mul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point):
@@ -405,12 +404,11 @@ def global_avg_pool_naive(q, zero_point, scale):
     ending in .5): it is a hair below or above 1 / count depending on the scale."""
     n_batch, channels, height, width = np.shape(q)
     m = pool_multiplier(scale, height * width)
-    out = np.empty((n_batch, channels), np.uint8)
+    totals = np.empty((n_batch, channels), np.int64)
     for n in range(n_batch):
         for c in range(channels):
-            total = sum(int(v) - int(zero_point) for v in np.asarray(q[n, c]).ravel())
-            out[n, c] = min(max(int(np.rint(F32(total) * m)) + int(zero_point), UINT8_MIN), UINT8_MAX)
-    return out
+            totals[n, c] = sum(int(v) - int(zero_point) for v in np.asarray(q[n, c]).ravel())
+    return requantize_naive(totals, m, zero_point)
 
 
 def global_avg_pool(q, zero_point, scale):
