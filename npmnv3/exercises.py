@@ -972,12 +972,8 @@ def _bneck_parameters(block, x, rng):
     params = {}
 
     def conv_bn_act(h, conv, gain=(0.8, 2.5), shift=1.0):
-        shape = conv.parameters()[0][1]
-        params[conv.weight_key] = weight = rng.standard_normal(shape)
-        if conv.depthwise:
-            z = K.depthwise_conv2d(h, weight, conv.stride, conv.padding, conv.dilation)
-        else:
-            z = K.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation)
+        params[conv.weight_key] = rng.standard_normal(conv.parameters()[0][1])
+        z = M.conv_bn_act(h, dataclasses.replace(conv, norm=False, activation=None), params)   # the conv alone
         statistics = _bn_parameters(z, rng, conv.eps, gain, shift)
         params.update(zip(conv.batch_norm_keys(), statistics))
         y = K.batch_norm(z, *statistics, eps=conv.eps)
@@ -1005,7 +1001,7 @@ def _bneck_parameters(block, x, rng):
         fc2_bias[low] = -3.5 - pre[:, low].max()                        # gate 0 for every image
         for part, value in zip(_SE_PARTS, (fc1[:, :, None, None], fc1_bias, fc2[:, :, None, None], fc2_bias)):
             params[f"{se.name}.{part}"] = value
-        h = K.squeeze_excite(h, *(params[f"{se.name}.{part}"] for part in _SE_PARTS))
+        h = M.squeeze_excite(h, se, params)
     conv_bn_act(h, block.project, gain=(0.5, 1.5), shift=0.5)      # of the size of x: the residual counts
     return {key: params[key] for key, _, kind in block.parameters() if kind != "counter"}
 
@@ -1086,29 +1082,18 @@ def _bneck_variant(x, block, params, *, eps=None, activation=None, project_activ
     ``activation`` for the expand and depthwise convs, an activation after the projection, the SE
     ``"depthwise"`` (after the depthwise conv, right), ``"project"`` (after the projection) or None
     (left out), and ``residual`` instead of ``block.residual``."""
-    def conv_bn(h, conv, act):
-        weight = params[conv.weight_key]
-        if conv.depthwise:
-            z = K.depthwise_conv2d(h, weight, conv.stride, conv.padding, conv.dilation)
-        else:
-            z = K.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation)
-        z = K.batch_norm(z, *(params[key] for key in conv.batch_norm_keys()), eps=conv.eps if eps is None else eps)
-        return z if act is None else M.ACTIVATIONS[act](z)
-
-    def squeeze_excite(h):
-        return K.squeeze_excite(h, *(params[f"{block.se.name}.{part}"] for part in _SE_PARTS))
+    def changed(conv, act):
+        return None if conv is None else dataclasses.replace(conv, activation=act, eps=conv.eps if eps is None else eps)
 
     act = activation or block.depthwise.activation
-    h = x if block.expand is None else conv_bn(x, block.expand, act)
-    h = conv_bn(h, block.depthwise, act)
-    if se == "depthwise" and block.se is not None:
-        h = squeeze_excite(h)
-    y = conv_bn(h, block.project, project_activation)
-    if se == "project" and block.se is not None:
-        y = squeeze_excite(y)
-    if block.residual if residual is None else residual:
-        y = y + x
-    return y
+    variant = dataclasses.replace(
+        block, expand=changed(block.expand, act), depthwise=changed(block.depthwise, act),
+        se=block.se if se == "depthwise" else None, project=changed(block.project, project_activation),
+        residual=block.residual if residual is None else residual)
+    if se != "project" or block.se is None:
+        return M.bneck(x, variant, params)
+    y = M.squeeze_excite(M.bneck(x, dataclasses.replace(variant, residual=False), params), block.se, params)
+    return y + x if variant.residual else y
 
 
 def _bneck_mistakes(block):
