@@ -43,7 +43,7 @@ from .engine import Engine
 from .engine.parallel import run_tasks
 from .model import bneck, conv_bn_act, forward_features
 from .network import Network, check_input, check_positive
-from .segmentation import plain_conv
+from .segmentation import _pointwise, _to_nchw, plain_conv
 from .summary import layer_costs
 from .threads import blas_threads
 
@@ -237,8 +237,7 @@ def _predict_fast(x, block, prepared, out):
     y = F.depthwise_conv2d(x, weight, padding=block.depthwise.padding)
     y += bias
     F.relu6(y, y)
-    weight, bias, _ = prepared.pointwise(block.conv)
-    out[...] = F.conv1x1(y, weight, bias).reshape(out.shape)
+    out[...] = _pointwise(prepared, block.conv, y).reshape(out.shape)
 
 
 def candidates(scores, score_threshold=SCORE_THRESHOLD, topk=TOPK_CANDIDATES):
@@ -373,7 +372,7 @@ class SSDLite(Network):
         raw = head_outputs_fast(maps, self.heads, engine.prepared, self.threads)
         if not return_intermediates:
             return raw
-        return raw, {name: np.ascontiguousarray(m.transpose(0, 3, 1, 2)) for name, m in zip(self.taps, maps)}
+        return raw, {name: _to_nchw(m) for name, m in zip(self.taps, maps)}
 
     def forward_raw_reference(self, x, return_intermediates=False):
         """``forward_raw`` written plainly: NCHW, BN unfused, the readable layers (``feature_maps``,
