@@ -30,6 +30,7 @@ from . import kernels as K
 from .config import ARCHS, Block, classifier_layers, mobilenet_v3_features, parameter_list
 from .engine import Engine
 from .network import Network, check_input, check_positive
+from .parameters import is_counter
 from .summary import layer_costs
 from .threads import blas_threads
 
@@ -133,7 +134,7 @@ def recognise(state_dict):
     multipliers ``RECOGNISED_WIDTHS``, reduced tail or not; ``dilated`` changes no shape, so it
     cannot be told and is taken as False). ``num_batches_tracked`` counters are ignored.
     """
-    shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not str(k).endswith("num_batches_tracked")}
+    shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not is_counter(k)}
     head, stem = shapes.get("classifier.3.weight"), shapes.get("features.0.0.weight")
     if head is None or stem is None or len(head) != 2 or len(stem) != 4:
         return None

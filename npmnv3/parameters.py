@@ -19,8 +19,10 @@ import numpy as np
 from .errors import StateDictError
 
 
-def _is_counter(key):
-    return key.endswith("num_batches_tracked")
+def is_counter(key):
+    """Whether a state dict ``key`` is a BatchNorm's ``num_batches_tracked`` (any key type: hostile
+    state dicts may hold others)."""
+    return str(key).endswith("num_batches_tracked")
 
 
 OBSERVER_START = {"min": np.inf, "max": -np.inf, "eps": float(np.finfo(np.float32).eps), "gate_scale": 1 / 256}
@@ -73,7 +75,7 @@ class Parameters(Mapping):
         rng = np.random.default_rng(seed)
         self._arrays = OrderedDict()
         for key, shape, kind in specs:
-            if not _is_counter(key):
+            if not is_counter(key):
                 self._arrays[key] = self._frozen(random_value(shape, kind, rng, conv_std))
 
     def _frozen(self, value):
@@ -96,13 +98,13 @@ class Parameters(Mapping):
 
     def state_dict(self):
         """torchvision's state_dict: every key in order, as new writable arrays (counters: 0-d int64 zeros)."""
-        return OrderedDict((key, np.zeros((), np.int64) if _is_counter(key) else self._arrays[key].copy())
+        return OrderedDict((key, np.zeros((), np.int64) if is_counter(key) else self._arrays[key].copy())
                            for key in self.shapes)
 
     def problems(self, state_dict, strict=True):
         """The lines of the error ``load`` would raise for ``state_dict`` (empty when it fits)."""
         problems = []
-        missing = [k for k in self.shapes if not _is_counter(k) and k not in self.optional and k not in state_dict]
+        missing = [k for k in self.shapes if not is_counter(k) and k not in self.optional and k not in state_dict]
         unexpected = [k for k in state_dict if k not in self.shapes]
         if strict and missing:
             problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
@@ -110,7 +112,7 @@ class Parameters(Mapping):
             problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(map(str, unexpected)))
         wrong = []
         for key, shape in self.shapes.items():
-            if key in state_dict and not _is_counter(key):
+            if key in state_dict and not is_counter(key):
                 value = np.asarray(state_dict[key])
                 if value.shape != shape:
                     wrong.append(f"{key}: expected {shape}, got {value.shape}")
