@@ -374,17 +374,22 @@ def _load_error(img: Image.Image, label: str, e: Exception, closed_hint: bool) -
     )
 
 
-def _decode(img: Image.Image, label: str, max_pixels: Optional[int], closed_hint: bool = False) -> None:
-    """Check the size of an opened image, then decode its pixels (frame 0, or the current frame).
-
-    ``closed_hint``: ``img`` came from the caller, who may have closed it.
-    """
+def _check_header(img: Image.Image, label: str, max_pixels: Optional[int]) -> None:
+    """What an opened image's header tells: that Pillow can decode it, and its size is allowed."""
     # Pillow opens a file of a format it only recognises (GRIB, BUFR, HDF5, WMF
     # off Windows) as a StubImageFile, 0x0 unless the format says otherwise;
     # one with a handler (registered by an application) decodes like any image.
     if isinstance(img, ImageFile.StubImageFile) and getattr(img, "_handler", None) is None:
         raise _no_decoder(img, label)
     _check_pixels(img.size, max_pixels, label)
+
+
+def _decode(img: Image.Image, label: str, max_pixels: Optional[int], closed_hint: bool = False) -> None:
+    """Check the header of an opened image, then decode its pixels (frame 0, or the current frame).
+
+    ``closed_hint``: ``img`` came from the caller, who may have closed it.
+    """
+    _check_header(img, label, max_pixels)
     size = img.size
     try:
         with warnings.catch_warnings():
@@ -410,9 +415,7 @@ def _open_encoded(fp: io.BufferedIOBase, head: bytes, label: str, max_pixels: Op
     img = _identify(fp, head, label)
     try:
         if not decode:
-            if isinstance(img, ImageFile.StubImageFile) and getattr(img, "_handler", None) is None:
-                raise _no_decoder(img, label)
-            _check_pixels(img.size, max_pixels, label)
+            _check_header(img, label, max_pixels)
             img.close()
             return img
         # Image.open leaves a multi-frame image on frame 0: decode that one.
@@ -451,10 +454,10 @@ def _read_path(source: Any, label: str, max_pixels: Optional[int], decode: bool 
         return _open_encoded(f, head, label, max_pixels, decode)
 
 
-def _read_bytes(data: bytes, label: str, what: str, max_pixels: Optional[int]) -> Image.Image:
+def _read_bytes(data: bytes, label: str, what: str, max_pixels: Optional[int], decode: bool = True) -> Image.Image:
     if len(data) == 0:
         raise ImageError(f"{label}: {what} is empty (0 bytes)")
-    return _open_encoded(io.BytesIO(data), data[:_SNIFF_BYTES], label, max_pixels)
+    return _open_encoded(io.BytesIO(data), data[:_SNIFF_BYTES], label, max_pixels, decode)
 
 
 def _read_fileobj(fobj: Any, label: str, max_pixels: Optional[int]) -> Image.Image:
@@ -559,19 +562,16 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
 def check_image(source: Any, *, name: Optional[str] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
     """Check, without decoding pixels, that ``source`` can be read: the quick check made before work.
 
-    For a path, bytes or a binary file object: it exists and can be read, Pillow recognises its
-    format and has a decoder for it, and its size is within ``max_pixels``. Other inputs are checked
-    by ``load_image`` itself. Raises ImageError as ``load_image`` would; what only decoding reveals
+    For a path or bytes: it exists and can be read, Pillow recognises its format and has a decoder
+    for it, and its size is within ``max_pixels``. Other inputs (file objects, PIL images, arrays)
+    are checked by ``load_image`` itself, decoding them. Raises ImageError as ``load_image`` would; what only decoding reveals
     (a truncated or corrupt image) is reported when the image is loaded.
     """
     label = _label(source, name)
     if isinstance(source, (str, os.PathLike)):
         _read_path(source, label, max_pixels, decode=False)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        if not data:
-            raise ImageError(f"{label}: bytes input is empty (0 bytes)")
-        _open_encoded(io.BytesIO(data), data[:_SNIFF_BYTES], label, max_pixels, decode=False)
+        _read_bytes(bytes(source), label, "bytes input", max_pixels, decode=False)
     else:
         load_image(source, name=name, max_pixels=max_pixels).close()
 
