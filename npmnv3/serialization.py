@@ -58,7 +58,9 @@ from .torchfile import (
     format_error,
     is_legacy_torch_file,
     looks_like_torchscript,
+    output_limit,
     read_torch_file,
+    shape_text,
     zip_directory_problem,
 )
 
@@ -344,7 +346,7 @@ def _check_npz_entries(source: str, infos, file_size: int) -> list:
     def refuse(reason):
         raise WeightsFormatError(format_error(source, reason))
 
-    limit = min(MAX_OUTPUT_BYTES, max(SMALL_OUTPUT_BYTES, MAX_NPZ_RATIO * file_size))
+    limit = output_limit(MAX_NPZ_RATIO, file_size)
     entries, seen = [], set()
     stored = inflated = 0
     for info in infos:
@@ -403,9 +405,8 @@ def _check_npy_size(source: str, key: str, shape: tuple, dtype: np.dtype, data_b
         raise WeightsFormatError(format_error(source, f"array {excerpt(key)} has a negative dimension"))
     declared = math.prod(shape) * dtype.itemsize
     if declared != data_bytes:
-        shape_text = "x".join(map(str, shape)) if shape else "0-d"
         raise WeightsFormatError(format_error(
-            source, f"array {excerpt(key)} declares {shape_text} {dtype} ({declared} bytes) but its entry holds "
+            source, f"array {excerpt(key)} declares {shape_text(shape)} {dtype} ({declared} bytes) but its entry holds "
                     f"{data_bytes} bytes of data"))
 
 

@@ -783,15 +783,21 @@ def _check_flat(mapping: dict, within: str | None = None) -> dict:
     return mapping
 
 
-def _shape_text(size: tuple) -> str:
+def shape_text(size: tuple) -> str:
+    """A shape for messages: "3x4", or "0-d"."""
     return "x".join(map(str, size)) if size else "0-d"
+
+
+def output_limit(ratio: int, stored_bytes: int) -> int:
+    """Bytes of arrays a file may produce: ``ratio`` times what it stores, within the fixed bounds."""
+    return min(MAX_OUTPUT_BYTES, max(SMALL_OUTPUT_BYTES, ratio * stored_bytes))
 
 
 def _check_output_size(state: dict) -> None:
     """Refuse, before allocating anything, tensors that would add up to far more than the file holds."""
     stored = {spec.storage.key: spec.storage for spec in state.values()}
     present = sum(ref.nbytes for ref in stored.values())
-    limit = min(MAX_OUTPUT_BYTES, max(SMALL_OUTPUT_BYTES, MAX_OUTPUT_RATIO * present))
+    limit = output_limit(MAX_OUTPUT_RATIO, present)
     total = 0
     for key, spec in state.items():
         dtype = spec.storage.storage_type.output_dtype
@@ -800,7 +806,7 @@ def _check_output_size(state: dict) -> None:
         if total > limit:
             zero_stride = " zero-stride" if spec.numel > spec.storage.numel else ""
             raise _Refused(
-                f"tensor {excerpt(key)} ({_shape_text(spec.size)} {dtype}, {nbytes} bytes, a{zero_stride} view of "
+                f"tensor {excerpt(key)} ({shape_text(spec.size)} {dtype}, {nbytes} bytes, a{zero_stride} view of "
                 f"{_count(spec.storage.numel, 'stored element')}) would take the output past {limit} bytes, "
                 f"the limit for a file holding {present} bytes of tensor data ({MAX_OUTPUT_RATIO}x that, "
                 f"at least {SMALL_OUTPUT_BYTES} and at most {MAX_OUTPUT_BYTES})"
