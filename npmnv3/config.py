@@ -327,6 +327,12 @@ def bneck_block(row, name):
     return Block(name, expand, depthwise, se, project, row.use_residual)
 
 
+def stage_starts(rows):
+    """Indices in ``features`` (row i is ``features.i``) of the blocks whose table stride is 2: where
+    torchvision's stages start, the rule its segmentation and detection models take their taps by."""
+    return [i for i, row in enumerate(rows, start=1) if row.stride > 1]
+
+
 def mobilenet_v3_features(arch, width_mult=1.0, reduced_tail=False, dilated=False, prefix="features"):
     """``features.0`` ... ``features.N`` of ``arch`` as layer records: [stem Conv, Block, ..., head Conv].
 

@@ -38,7 +38,7 @@ import numpy as np
 from . import boxes as B
 from . import fast_kernels as F
 from . import kernels as K
-from .config import Block, Conv, bneck_block, bneck_settings, mobilenet_v3_features
+from .config import Block, Conv, bneck_block, bneck_settings, mobilenet_v3_features, stage_starts
 from .engine import Engine
 from .engine.parallel import run_tasks
 from .model import bneck, conv_bn_act, forward_features
@@ -63,18 +63,13 @@ DETECTIONS_PER_IMAGE = 300
 
 # --------------------------------------------------------------------------- the layer records
 
-def c4_index(rows):
-    """Index (in ``features``) of the C4 block: the last block whose table stride is 2 (13 in Large)."""
-    return [i for i, row in enumerate(rows, start=1) if row.stride > 1][-1]
-
-
 def ssdlite_backbone():
     """The backbone's records with torchvision's SSDLite names: ``backbone.features.0.0`` ... ``.12``, the
     C4 block (its expand conv ``backbone.features.0.13``, its depthwise conv, SE and projection
     ``backbone.features.1.0.1`` / ``.2`` / ``.3``; the Block itself is called ``backbone.features.1.0``),
     then ``backbone.features.1.1`` ... ``.3``. Returns (records, index of the C4 block)."""
     rows, _ = bneck_settings(BACKBONE, reduced_tail=True)
-    c4 = c4_index(rows)
+    c4 = stage_starts(rows)[-1]          # C4: the last block whose table stride is 2 (13 in Large)
     features, _ = mobilenet_v3_features(BACKBONE, reduced_tail=True, prefix="backbone.features.0")
     rest = "backbone.features.1"
     block = bneck_block(rows[c4 - 1], f"{rest}.0")

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import fast_kernels as F
 from . import kernels as K
-from .config import Conv, bneck_settings, mobilenet_v3_features
+from .config import Conv, bneck_settings, mobilenet_v3_features, stage_starts
 from .engine import Engine
 from .engine.parallel import run_tasks
 from .model import conv_bn_act, forward_features
@@ -58,7 +58,7 @@ def dilated_backbone():
     table stride is 2, and C2 is the fourth stage from the end."""
     features, _ = mobilenet_v3_features("mobilenet_v3_large", dilated=True, prefix="backbone")
     rows, _ = bneck_settings("mobilenet_v3_large", dilated=True)
-    stages = [0] + [i for i, row in enumerate(rows, start=1) if row.stride > 1] + [len(features) - 1]
+    stages = [0] + stage_starts(rows) + [len(features) - 1]
     return features, stages[-4], stages[-1]
 
 
