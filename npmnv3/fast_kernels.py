@@ -205,6 +205,11 @@ def conv2d(x, weight, bias=None, kernel=3, stride=1, padding=0, dilation=1):
     return y.reshape(n, ho, wo, weight.shape[1])
 
 
+def depthwise_taps(weight):
+    """A PyTorch depthwise conv weight (C, 1, k, k) as the (k, k, C) array of ``depthwise_conv2d``."""
+    return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0))
+
+
 def conv_matrix(weight):
     """A PyTorch conv weight (O, C, k, k) as the (k*k*C, O) matrix of ``conv2d`` (rows in (i, j, c) order)."""
     o = weight.shape[0]

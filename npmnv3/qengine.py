@@ -140,7 +140,7 @@ def fast_layer(q, conv=None):
         weight = q.weight.reshape(len(q.weight), -1).T.astype(dtype)
         return FastLayer("matmul", np.ascontiguousarray(weight), bias, requantization(q))
     if conv.depthwise:
-        kind, weight = "depthwise", np.ascontiguousarray(q.weight[:, 0].transpose(1, 2, 0)).astype(dtype)
+        kind, weight = "depthwise", FK.depthwise_taps(q.weight).astype(dtype)
     else:
         kind, weight = "conv", FK.conv_matrix(q.weight).astype(dtype)
     return FastLayer(kind, weight, bias, requantization(q), conv.kernel, conv.stride, conv.padding, conv.dilation)
@@ -252,7 +252,7 @@ def average_pool(x, scale, zero_point):
     """``qkernels.global_avg_pool`` on centred NHWC ``x``: (N, H, W, C) -> centred (N, C)."""
     n, h, w, c = x.shape
     count = h * w
-    dtype = F32 if QK.UINT8_MAX * count < FLOAT32_EXACT else np.float64
+    dtype = accumulation_dtype(QK.UINT8_MAX * count)
     total = x.reshape(n, count, c).sum(axis=1, dtype=dtype)
     return requantize(total, requantizer(QK.pool_multiplier(scale, count), zero_point))
 

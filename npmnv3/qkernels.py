@@ -229,7 +229,7 @@ def depthwise_conv2d(x_q, x_zero_point, w_q, bias_q, stride=1, padding=0, dilati
     (``fast_kernels.depthwise_conv2d``, whose inner loops run over W * C contiguous values) on the
     channels-last view of x, then back to NCHW."""
     centred = np.ascontiguousarray(_centred(x_q, x_zero_point).transpose(0, 2, 3, 1))
-    taps = np.ascontiguousarray(np.asarray(w_q, np.float64)[:, 0].transpose(1, 2, 0))       # (k, k, C)
+    taps = FK.depthwise_taps(np.asarray(w_q, np.float64))       # (k, k, C)
     acc = FK.depthwise_conv2d(centred, taps, stride, padding, dilation)
     acc += np.asarray(bias_q, np.float64)
     return acc.transpose(0, 3, 1, 2)

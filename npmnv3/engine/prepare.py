@@ -20,6 +20,7 @@ import threading
 
 import numpy as np
 
+from .. import fast_kernels as F
 from ..kernels import fold_batch_norm
 
 
@@ -72,7 +73,7 @@ class Prepared:
         """A depthwise conv as (W (k, k, C), b (C,))."""
         def make():
             w, b = self.folded(conv)
-            return self._cast(w[:, 0].transpose(1, 2, 0) / in_scale, b)
+            return self._cast(F.depthwise_taps(w) / in_scale, b)
         return self._cached(("depthwise", conv.name, in_scale), make)
 
     def im2col(self, conv, in_scale=1.0):
