@@ -53,15 +53,28 @@ TOLERANCE = 1e-4        # max |diff| / max(1, max |torchvision|) before anything
 
 # --------------------------------------------------------------------------- workers (one per process)
 
+def segmenter_options(arch):
+    """The official layout of a segmentation network: DeepLabV3's file carries the aux head."""
+    return {"aux_loss": True} if arch.startswith("deeplab") else {}
+
+
 def torch_network(arch):
     """torchvision's network ``arch`` without weights (the segmentation ones: the official layout, aux head included)."""
     import torchvision
     if arch == DETECTOR:
         return torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
     if arch in SEGMENTERS:
-        options = {"aux_loss": True} if arch.startswith("deeplab") else {}
-        return getattr(torchvision.models.segmentation, arch)(weights=None, weights_backbone=None, **options)
+        return getattr(torchvision.models.segmentation, arch)(weights=None, weights_backbone=None,
+                                                              **segmenter_options(arch))
     return getattr(torchvision.models, arch)()
+
+
+def torch_model(arch, folder):
+    """torchvision's ``arch`` in eval mode with the weights ``make_weights`` wrote to ``folder``."""
+    import torch
+    model = torch_network(arch).eval()
+    model.load_state_dict(torch.load(os.path.join(folder, f"{arch}.pth")))
+    return model
 
 
 def make_weights(arch, folder):
@@ -74,8 +87,7 @@ def make_weights(arch, folder):
     if arch == DETECTOR:
         model = torchref.random_detection_model(seed=0)
     elif arch in SEGMENTERS:
-        model = torchref.random_segmentation_model(arch, seed=0, **({"aux_loss": True} if arch.startswith("deeplab")
-                                                                     else {}))
+        model = torchref.random_segmentation_model(arch, seed=0, **segmenter_options(arch))
     else:
         model = torchref.random_model(arch, seed=0)
     pth, npz = os.path.join(folder, f"{arch}.pth"), os.path.join(folder, f"{arch}.npz")
@@ -147,8 +159,7 @@ def build_detector(system, folder, size):
         model = npmnv3.ssdlite320_mobilenet_v3_large(weights=os.path.join(folder, f"{DETECTOR}.npz"))
         return (lambda: detections(model([image])[0])), model
     import torch
-    model = torch_network(DETECTOR).eval()
-    model.load_state_dict(torch.load(os.path.join(folder, f"{DETECTOR}.pth")))
+    model = torch_model(DETECTOR, folder)
     images = [torch.from_numpy(image)]
 
     def forward():
@@ -183,8 +194,7 @@ def build(system, arch, folder, batch, size):
         return (lambda: model(x)), model
     if system == "torch":
         import torch
-        model = torch_network(arch).eval()
-        model.load_state_dict(torch.load(os.path.join(folder, f"{arch}.pth")))
+        model = torch_model(arch, folder)
         xt = torch.from_numpy(x)
 
         def forward():
@@ -202,8 +212,7 @@ def build(system, arch, folder, batch, size):
 def export_onnx(arch, folder):
     """The torch weights as ONNX (in its own process: tracing changed torch eager's speed afterwards)."""
     import torch
-    model = torch_network(arch).eval()
-    model.load_state_dict(torch.load(os.path.join(folder, f"{arch}.pth")))
+    model = torch_model(arch, folder)
     args = dict(input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}})
     size = next(case[2] for case in CASES.values() if case[0] == arch)
     torch.onnx.export(model, torch.zeros((1, 3, size, size)), os.path.join(folder, f"{arch}.onnx"), dynamo=False,
