@@ -38,7 +38,7 @@ import numpy as np
 
 from . import qengine as QE
 from . import qkernels as QK
-from .config import BN_FIELDS, Block, Conv, Linear, SqueezeExcite, classifier_layers, mobilenet_v3_features
+from .config import Block, Conv, Linear, SqueezeExcite, classifier_layers, mobilenet_v3_features
 from .model import keep
 from .engine import chunk_bounds
 from .engine.parallel import run_tasks
@@ -76,15 +76,17 @@ def activation_key(name, index):
     return f"{name}.{index}"
 
 
+def qat_key(conv, key):
+    """The QAT state dict's key for the float key ``key`` of Conv ``conv``: a fused ConvBn2d /
+    ConvBnReLU2d keeps the conv as ``name.0`` and its BatchNorm (float: ``name.1``) as ``name.0.bn``."""
+    return key.replace(f"{conv.name}.1.", f"{conv.name}.0.bn.", 1)
+
+
 def qat_parameters(layer):
     """``[(key, shape, kind)]`` of one layer record in the QAT state dict, in torchvision's order."""
     if isinstance(layer, Conv):
-        fused = f"{layer.name}.0"                          # ConvBn2d / ConvBnReLU2d: the conv, its BN as .bn
-        shape = (layer.out_channels, layer.in_channels // layer.groups, layer.kernel, layer.kernel)
-        out = [(f"{fused}.weight", shape, "conv")]
-        out += [(f"{fused}.bn.{f}", (layer.out_channels,), kind)
-                for f, kind in zip(BN_FIELDS, ("ones", "zeros", "mean", "var"))]
-        out += [(f"{fused}.bn.num_batches_tracked", (), "counter")]
+        fused = f"{layer.name}.0"
+        out = [(qat_key(layer, key), shape, kind) for key, shape, kind in layer.parameters()]
         out += fake_quant_parameters(f"{fused}.weight_fake_quant") + fake_quant_parameters(f"{fused}.activation_post_process")
         if layer.activation == "HS":
             out += fake_quant_parameters(f"{activation_key(layer.name, 2)}.activation_post_process")
@@ -146,16 +148,10 @@ def float_state_dict(params, features, classifier):
     """The float network's state dict inside a QAT one: torchvision's ``mobilenet_v3_large`` keys
     (``name.1.*`` for a BatchNorm, no observers), for ``npmnv3.mobilenet_v3_large``. QAT trains these
     float weights; the int8 network is their quantized version."""
-    out = {}
-    for key, _, kind in (p for layer in features + classifier for p in layer.parameters()):
-        if kind == "counter":
-            continue
-        qat_key = key
-        for conv in (c for layer in features for c in (layer.layers if isinstance(layer, Block) else [layer])):
-            if isinstance(conv, Conv) and key.startswith(conv.name + "."):
-                qat_key = key.replace(f"{conv.name}.1.", f"{conv.name}.0.bn.", 1)
-        out[key] = np.array(params[qat_key])
-    return out
+    convs = (c for layer in features for c in (layer.layers if isinstance(layer, Block) else [layer]))
+    renamed = {key: qat_key(conv, key) for conv in convs if isinstance(conv, Conv) for key, _, _ in conv.parameters()}
+    return {key: np.array(params[renamed.get(key, key)])
+            for key, _, kind in (p for layer in features + classifier for p in layer.parameters()) if kind != "counter"}
 
 
 # --------------------------------------------------------------------------- convert
