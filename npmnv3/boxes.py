@@ -42,15 +42,21 @@ def box_iou_naive(boxes1, boxes2):
     (0 / 0 = NaN for two empty boxes, as in torchvision.)
     """
     iou = np.empty((len(boxes1), len(boxes2)), dtype=np.result_type(boxes1, boxes2))
-    zero = iou.dtype.type(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        for i, (ax1, ay1, ax2, ay2) in enumerate(boxes1):
-            for j, (bx1, by1, bx2, by2) in enumerate(boxes2):
-                w = max(zero, min(ax2, bx2) - max(ax1, bx1))
-                h = max(zero, min(ay2, by2) - max(ay1, by1))
-                inter = w * h
-                iou[i, j] = inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter)
+        for i, a in enumerate(boxes1):
+            for j, b in enumerate(boxes2):
+                iou[i, j] = _pair_iou(a, b)
     return iou
+
+
+def _pair_iou(a, b):
+    """IoU of two boxes (x1, y1, x2, y2) of the same NumPy scalar type (see ``box_iou_naive``)."""
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a, b
+    zero = type(ax1)(0)
+    w = max(zero, min(ax2, bx2) - max(ax1, bx1))
+    h = max(zero, min(ay2, by2) - max(ay1, by1))
+    inter = w * h
+    return inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter)
 
 
 def box_iou(boxes1, boxes2):
@@ -86,8 +92,6 @@ def nms_naive(boxes, scores, iou_threshold):
     """
     boxes, scores = _check_boxes(boxes, scores)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])        # sorted() is stable
-    areas = box_area(boxes)
-    zero = boxes.dtype.type(0)
     suppressed = [False] * len(order)
     keep = []
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -95,14 +99,8 @@ def nms_naive(boxes, scores, iou_threshold):
             if suppressed[i]:
                 continue
             keep.append(i)
-            x1, y1, x2, y2 = boxes[i]
             for j in order[a + 1:]:
-                if suppressed[j]:
-                    continue
-                w = max(zero, min(x2, boxes[j, 2]) - max(x1, boxes[j, 0]))
-                h = max(zero, min(y2, boxes[j, 3]) - max(y1, boxes[j, 1]))
-                inter = w * h
-                if float(inter / (areas[i] + areas[j] - inter)) > iou_threshold:
+                if not suppressed[j] and float(_pair_iou(boxes[i], boxes[j])) > iou_threshold:
                     suppressed[j] = True
     return np.array(keep, dtype=np.int64)
 
