@@ -570,7 +570,9 @@ def _scan_pickle(data: bytes, start: int = 0, max_opcodes: int = MAX_PICKLE_OPCO
     def underflow(name, pos):
         raise _Refused(f"pickle opcode {name} at byte {pos} takes more values than the stack holds")
 
-    def open_target(name, pos, target):
+    def fill(name, pos, target, depth):
+        """Items of nesting ``depth`` go into the container ``target``: it must be open, and it is now
+        at least that deep."""
         if target.__class__ is int:
             raise _Refused(
                 f"pickle opcode {name} at byte {pos} modifies a value that is not a list, dict or object being built"
@@ -580,7 +582,10 @@ def _scan_pickle(data: bytes, start: int = 0, max_opcodes: int = MAX_PICKLE_OPCO
                 f"pickle opcode {name} at byte {pos} modifies a container it already refers to elsewhere "
                 "(a self-referencing structure, which no state dict has)"
             )
-        return target
+        if depth > target[0]:
+            if depth > MAX_DEPTH:
+                refuse_depth(depth, pos)
+            target[0] = depth
 
     try:
         with _stage("corrupt pickle"):
@@ -636,11 +641,7 @@ def _scan_pickle(data: bytes, start: int = 0, max_opcodes: int = MAX_PICKLE_OPCO
                         underflow(name, pos)
                     if name == "SETITEMS" and len(items) % 2:
                         raise _Refused(f"pickle opcode SETITEMS at byte {pos} has an odd number of items")
-                    target = open_target(name, pos, stack[-1])
-                    if depth > target[0]:
-                        if depth > MAX_DEPTH:
-                            refuse_depth(depth, pos)
-                        target[0] = depth
+                    fill(name, pos, stack[-1], depth)
                 elif name in _TUPLE_SIZES:
                     n = _TUPLE_SIZES[name]
                     if len(stack) - fence < n:
@@ -660,11 +661,7 @@ def _scan_pickle(data: bytes, start: int = 0, max_opcodes: int = MAX_PICKLE_OPCO
                         underflow(name, pos)
                     depth = 1 + max(map(_depth, stack[-n:]))
                     del stack[-n:]
-                    target = open_target(name, pos, stack[-1])
-                    if depth > target[0]:
-                        if depth > MAX_DEPTH:
-                            refuse_depth(depth, pos)
-                        target[0] = depth
+                    fill(name, pos, stack[-1], depth)
                 elif name in ("REDUCE", "STACK_GLOBAL", "BUILD"):
                     # REDUCE: callable and arguments become a new object, open to SETITEMS
                     # (OrderedDict() is filled that way). STACK_GLOBAL: two names become a
