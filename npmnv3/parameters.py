@@ -57,7 +57,8 @@ class Parameters(Mapping):
     dtype : numpy dtype
         float32 or float64; every array is kept in it.
     seed : int
-        Seed of the random initialisation (``random_value``).
+        Seed of the random initialisation (``random_value``), drawn only when a key is read that
+        no load has set.
     owner : str
         How error messages name the network, e.g. ``"MobileNetV3('mobilenet_v3_small', ...)"``.
     conv_std : float or None
@@ -72,11 +73,20 @@ class Parameters(Mapping):
         self.optional = frozenset(optional)
         self.shapes = OrderedDict((key, tuple(shape)) for key, shape, _ in specs)
         self.version = 0
-        rng = np.random.default_rng(seed)
-        self._arrays = OrderedDict()
-        for key, shape, kind in specs:
-            if not is_counter(key):
-                self._arrays[key] = self._frozen(random_value(shape, kind, rng, conv_std))
+        self._specs = [(key, shape, kind) for key, shape, kind in specs if not is_counter(key)]
+        self._seed, self._conv_std = seed, conv_std
+        self._values = {}     # the arrays set so far: by load(), or all of them once drawn
+
+    def _complete(self):
+        """Every array by key. The random initialisation is drawn (all of it, in state_dict order, so
+        that a seed always gives the same values) only when a key is read that no load has set: a
+        builder that loads every key from a weights file never draws it."""
+        if len(self._values) < len(self._specs):
+            rng = np.random.default_rng(self._seed)
+            drawn = {key: self._frozen(random_value(shape, kind, rng, self._conv_std))
+                     for key, shape, kind in self._specs}
+            self._values = drawn | self._values
+        return self._values
 
     def _frozen(self, value):
         array = np.array(value, dtype=self.dtype, copy=True)
@@ -84,13 +94,17 @@ class Parameters(Mapping):
         return array
 
     def __getitem__(self, key):
-        return self._arrays[key]
+        values = self._values
+        return values[key] if key in values else self._complete()[key]
+
+    def __contains__(self, key):
+        return key in self.shapes and not is_counter(key)
 
     def __iter__(self):
-        return iter(self._arrays)
+        return (key for key, _, _ in self._specs)
 
     def __len__(self):
-        return len(self._arrays)
+        return len(self._specs)
 
     def __setitem__(self, key, value):
         raise TypeError("parameters are read-only; change them with model.load_state_dict({key: array}, "
@@ -98,7 +112,7 @@ class Parameters(Mapping):
 
     def state_dict(self):
         """torchvision's state_dict: every key in order, as new writable arrays (counters: 0-d int64 zeros)."""
-        return OrderedDict((key, np.zeros((), np.int64) if is_counter(key) else self._arrays[key].copy())
+        return OrderedDict((key, np.zeros((), np.int64) if is_counter(key) else self._complete()[key].copy())
                            for key in self.shapes)
 
     def problems(self, state_dict, strict=True):
@@ -135,7 +149,9 @@ class Parameters(Mapping):
             found, description = recognise(state_dict) if recognise else (None, None)
             summary = f"state_dict does not fit {self.owner}" + (f": {description}" if description else "")
             raise StateDictError(summary + "\n  " + "\n  ".join(problems), found=found)
-        for key in self._arrays:
+        values = dict(self._values)
+        for key, _, _ in self._specs:
             if key in state_dict:
-                self._arrays[key] = self._frozen(state_dict[key])
+                values[key] = self._frozen(state_dict[key])
+        self._values = values
         self.version += 1

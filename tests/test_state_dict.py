@@ -79,3 +79,30 @@ def test_non_numeric_values_are_refused():
     sd["classifier.3.bias"] = np.array(["x"] * 1000)
     with pytest.raises(StateDictError, match=r"classifier.3.bias: expected a numeric array, got dtype <U1"):
         model.load_state_dict(sd)
+
+
+def test_a_seed_gives_the_same_random_weights_whatever_was_loaded_first():
+    reference = npmnv3.mobilenet_v3_small(seed=3)
+    model = npmnv3.mobilenet_v3_small(seed=3)
+    loaded = np.full((1000,), 0.5, np.float32)
+    model.load_state_dict({"classifier.3.bias": loaded}, strict=False)   # before any key was read
+    np.testing.assert_array_equal(model.params["classifier.3.bias"], loaded)
+    for key, value in reference.params.items():
+        if key != "classifier.3.bias":
+            np.testing.assert_array_equal(model.params[key], value)
+    assert list(model.params) == list(reference.params) and len(model.params) == len(reference.params)
+    assert "features.0.0.weight" in model.params and "features.0.1.num_batches_tracked" not in model.params
+
+
+def test_building_from_a_weights_file_draws_no_random_weights(tmp_path, monkeypatch):
+    source = npmnv3.mobilenet_v3_small(seed=4)
+    source.save(tmp_path / "small.npz")
+    x = np.random.default_rng(0).standard_normal((1, 3, 48, 40)).astype(np.float32)
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("a random initialisation was drawn")
+    monkeypatch.setattr("npmnv3.parameters.random_value", no_drawing)
+    model = npmnv3.mobilenet_v3_small(weights=str(tmp_path / "small.npz"))
+    np.testing.assert_array_equal(model(x), source(x))
+    with pytest.raises(AssertionError, match="random initialisation was drawn"):
+        npmnv3.mobilenet_v3_small().params["features.0.0.weight"]
