@@ -95,7 +95,11 @@ class Parameters(Mapping):
 
     def __getitem__(self, key):
         values = self._values
-        return values[key] if key in values else self._complete()[key]
+        if key in values:
+            return values[key]
+        if key not in self:
+            raise KeyError(key)
+        return self._complete()[key]
 
     def __contains__(self, key):
         return key in self.shapes and not is_counter(key)

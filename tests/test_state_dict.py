@@ -104,5 +104,8 @@ def test_building_from_a_weights_file_draws_no_random_weights(tmp_path, monkeypa
     monkeypatch.setattr("npmnv3.parameters.random_value", no_drawing)
     model = npmnv3.mobilenet_v3_small(weights=str(tmp_path / "small.npz"))
     np.testing.assert_array_equal(model(x), source(x))
+    random = npmnv3.mobilenet_v3_small()
+    with pytest.raises(KeyError):
+        random.params["features.0.1.num_batches_tracked"]     # not a stored key: nothing drawn for it
     with pytest.raises(AssertionError, match="random initialisation was drawn"):
-        npmnv3.mobilenet_v3_small().params["features.0.0.weight"]
+        random.params["features.0.0.weight"]
