@@ -164,7 +164,7 @@ def names_a_file(arch, weights):
         if is_official_name(arch, weights):
             return False
         return Path(weights).exists() or "." in Path(weights).name or "/" in weights or os.sep in weights
-    return isinstance(weights, Path) or hasattr(weights, "__fspath__")
+    return hasattr(weights, "__fspath__")     # a Path or any other path object
 
 
 def default_recipe():
